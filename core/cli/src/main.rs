@@ -1,0 +1,43 @@
+//! `boxlet`: run untrusted code in microVMs, and inspect the disk formats behind them.
+
+mod qcow2;
+mod size;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// boxlet: an embeddable microVM runtime.
+#[derive(Debug, Parser)]
+#[command(name = "boxlet", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// qcow2 images: inspect, create, export, write, check.
+    #[command(subcommand)]
+    Qcow2(qcow2::Qcow2Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Qcow2(cmd) => qcow2::run(cmd),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the outermost context, then each cause.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                msg.push_str(": ");
+                msg.push_str(&cause.to_string());
+            }
+            eprintln!("boxlet: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! OCI image layout import, registry pull and secure layer application.
+//!
+//! Not implemented yet: this crate is a placeholder in the workspace layout and is filled
+//! by issue #6. It exports nothing.

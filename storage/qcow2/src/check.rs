@@ -1,0 +1,163 @@
+//! Consistency check: count the references to every host cluster by walking the header,
+//! tables and L2 entries, and compare with the stored refcounts (what `qemu-img check`
+//! does for images without snapshots).
+
+use std::collections::HashMap;
+
+use crate::error::Result;
+use crate::header::check_table;
+use crate::image::{Mapping, Qcow2, L1_OFFSET_MASK};
+use crate::refcount::Refcounts;
+use crate::{invalid, Error};
+
+/// What [`Qcow2::check`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CheckReport {
+    /// Clusters whose refcount is lower than their references, or references that point
+    /// outside the file: data could be lost. (At most 100 messages are kept.)
+    pub corruptions: Vec<String>,
+    /// Number of corruptions found (may exceed `corruptions.len()`).
+    pub corruption_count: u64,
+    /// Clusters whose refcount exceeds their references (space that is wasted, not lost).
+    pub leaks: u64,
+    /// Host clusters referenced at least once.
+    pub referenced_clusters: u64,
+}
+
+impl CheckReport {
+    /// No corruption and no leak.
+    pub fn is_clean(&self) -> bool {
+        self.corruption_count == 0 && self.leaks == 0
+    }
+
+    fn corrupt(&mut self, msg: String) {
+        self.corruption_count += 1;
+        if self.corruptions.len() < 100 {
+            self.corruptions.push(msg);
+        }
+    }
+}
+
+pub(crate) fn run(img: &mut Qcow2) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let cs = img.cluster_size();
+    let bits = cs.trailing_zeros();
+    let mut refs_of: HashMap<u64, u64> = HashMap::new();
+    let mut add = |off: u64, len: u64| {
+        if len == 0 {
+            return;
+        }
+        for ci in (off >> bits)..=((off + len - 1) >> bits) {
+            *refs_of.entry(ci).or_default() += 1;
+        }
+    };
+
+    let entries = {
+        let p = img.parts();
+        let h = p.header;
+        if h.nb_snapshots > 0 {
+            return Err(invalid(
+                "checking images with internal snapshots is not implemented",
+            ));
+        }
+        let file_len = p
+            .storage
+            .len()
+            .map_err(|e| Error::io("reading the file length", e))?;
+        add(0, cs);
+        add(h.l1_table_offset, u64::from(h.l1_size) * 8);
+        add(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        );
+        let refs = Refcounts::load(
+            p.storage,
+            h.refcount_order,
+            h.cluster_bits,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+            file_len,
+        )?;
+        refs.check_entries()?;
+        for off in refs.block_offsets() {
+            if off + cs > file_len {
+                report.corrupt(format!("refcount block at {off:#x} beyond end of file"));
+            }
+            add(off, cs);
+        }
+
+        let mut entries = Vec::new();
+        for (i, e) in p.l1.iter().enumerate() {
+            let l2 = e & L1_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            if check_table("L2 table", l2, cs, cs, file_len).is_err() {
+                report.corrupt(format!("L1 entry {i}: L2 table at {l2:#x} invalid"));
+                continue;
+            }
+            add(l2, cs);
+            let mut raw = vec![0u8; cs as usize];
+            p.storage
+                .read_at(&mut raw, l2)
+                .map_err(|e| Error::io("reading an L2 table", e))?;
+            entries.extend(
+                raw.chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))),
+            );
+        }
+        entries
+    };
+    let file_len = img
+        .parts()
+        .storage
+        .len()
+        .map_err(|e| Error::io("reading the file length", e))?;
+    for e in entries {
+        match img.decode_entry(e) {
+            Err(err) => report.corrupt(format!("L2 entry {e:#x}: {err}")),
+            Ok(Mapping::Data { host, .. })
+            | Ok(Mapping::Zero {
+                host: Some(host), ..
+            }) => {
+                if host >= file_len {
+                    report.corrupt(format!("data cluster at {host:#x} beyond end of file"));
+                }
+                add(host, cs);
+            }
+            Ok(Mapping::Compressed { offset, sectors }) => add(offset & !511, sectors * 512),
+            Ok(_) => {}
+        }
+    }
+
+    let p = img.parts();
+    let h = p.header;
+    let mut refs = Refcounts::load(
+        p.storage,
+        h.refcount_order,
+        h.cluster_bits,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        file_len,
+    )?;
+    let last = refs_of
+        .keys()
+        .copied()
+        .max()
+        .map_or(0, |m| m + 1)
+        .max(file_len.div_ceil(cs));
+    report.referenced_clusters = refs_of.len() as u64;
+    for ci in 0..last {
+        let expected = refs_of.get(&ci).copied().unwrap_or(0);
+        let stored = refs.get(p.storage, ci)?;
+        if stored < expected {
+            report.corrupt(format!(
+                "cluster {:#x}: refcount {stored}, referenced {expected} times",
+                ci << bits
+            ));
+        } else if stored > expected {
+            report.leaks += 1;
+        }
+    }
+    Ok(report)
+}
