@@ -629,9 +629,8 @@ impl Qcow2 {
             self.header.refcount_table_clusters = clusters as u32;
             let refs = self.refs();
             refs.table_moved = false;
-            if let Some(r) = refs.pending_table_free.take() {
-                self.pending_free.push(r);
-            }
+            let moved = std::mem::take(&mut refs.pending_table_free);
+            self.pending_free.extend(moved);
         }
         // 3. L2 tables.
         if self.l2.any_dirty() {

@@ -73,8 +73,8 @@ pub(crate) struct Refcounts {
     table_dirty: Option<(usize, usize)>,
     /// The table was moved: the header must be rewritten.
     pub table_moved: bool,
-    /// The old table's byte range after a move, to free once the header is durable.
-    pub pending_table_free: Option<(u64, u64)>,
+    /// Byte ranges of tables replaced by moves, to free once the header is durable.
+    pub pending_table_free: Vec<(u64, u64)>,
     blocks: HashMap<u64, Block>,
     block_cache_cap: usize,
     /// First cluster index past everything in the file or allocated.
@@ -113,7 +113,7 @@ impl Refcounts {
             table_clusters: u64::from(table_clusters),
             table_dirty: None,
             table_moved: false,
-            pending_table_free: None,
+            pending_table_free: Vec::new(),
             blocks: HashMap::new(),
             block_cache_cap: ((64usize << 20) >> cluster_bits).max(64),
             end: file_len.div_ceil(cs),
@@ -332,7 +332,7 @@ impl Refcounts {
             self.set(storage, ci, 1)?;
         }
         // The old table's clusters are released by the caller once the header is durable.
-        self.pending_table_free = Some((old.0, old.1 * cs));
+        self.pending_table_free.push((old.0, old.1 * cs));
         Ok(())
     }
 

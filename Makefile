@@ -1,0 +1,37 @@
+# One entry point for every check. CI runs `.ci/run`, which runs `make test`.
+CARGO ?= cargo
+FUZZ_TIME ?= 20
+
+.PHONY: all build setup test lint bench fuzz-smoke corpus clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace
+
+# Tools the tests need (idempotent: returns at once when everything is there).
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: setup
+	$(CARGO) bench -p boxlet-benches
+
+# Seed corpora for the fuzz targets, generated with qemu-img and boxlet.
+corpus: setup
+	bash fixtures/qcow2/make-corpus.sh fuzz/corpus
+
+fuzz-smoke: corpus
+	bash scripts/setup.sh fuzz
+	cd fuzz && for t in $$($(CARGO) +nightly fuzz list); do \
+		$(CARGO) +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_TIME) || exit 1; \
+	done
+
+clean:
+	$(CARGO) clean

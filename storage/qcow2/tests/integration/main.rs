@@ -1,0 +1,5 @@
+//! Integration tests of the qcow2 crate: differential against QEMU, a reference model
+//! under proptest, malformed headers, crash consistency and the fuzz corpora.
+
+mod differential;
+mod util;
