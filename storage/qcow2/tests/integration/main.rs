@@ -2,4 +2,6 @@
 //! under proptest, malformed headers, crash consistency and the fuzz corpora.
 
 mod differential;
+mod malformed;
+mod model;
 mod util;
