@@ -140,14 +140,16 @@ pub(crate) fn run(img: &mut Qcow2) -> Result<CheckReport> {
         h.refcount_table_clusters,
         file_len,
     )?;
-    let last = refs_of
+    report.referenced_clusters = refs_of.len() as u64;
+    // Every cluster of the file, and every referenced one (beyond the file when corrupt).
+    let file_clusters = file_len.div_ceil(cs);
+    let mut beyond: Vec<u64> = refs_of
         .keys()
         .copied()
-        .max()
-        .map_or(0, |m| m + 1)
-        .max(file_len.div_ceil(cs));
-    report.referenced_clusters = refs_of.len() as u64;
-    for ci in 0..last {
+        .filter(|&c| c >= file_clusters)
+        .collect();
+    beyond.sort_unstable();
+    for ci in (0..file_clusters).chain(beyond) {
         let expected = refs_of.get(&ci).copied().unwrap_or(0);
         let stored = refs.get(p.storage, ci)?;
         if stored < expected {

@@ -447,6 +447,7 @@ impl Qcow2 {
             self.set_l1(l1i, off | OFLAG_COPIED);
             return Ok((slot, idx));
         }
+        self.check_in_place(l2_off, "L2 table")?;
         if entry & OFLAG_COPIED == 0 {
             if self.refcount(l2_off)? != 1 {
                 return Err(corrupt(format!(
@@ -456,6 +457,20 @@ impl Qcow2 {
             self.set_l1(l1i, l2_off | OFLAG_COPIED);
         }
         Ok((self.l2_slot(l2_off)?, idx))
+    }
+
+    /// A cluster about to be written in place must lie inside the image and must not be
+    /// the header, the L1 table or the refcount table (a lying L2 entry must not make the
+    /// engine overwrite metadata or grow the file without bound).
+    fn check_in_place(&mut self, host: u64, what: &str) -> Result<()> {
+        let ci = host >> self.cluster_bits;
+        let refs = self.refs();
+        if ci >= refs.end() || refs.is_reserved(ci) {
+            return Err(corrupt(format!(
+                "{what} at {host:#x} lies outside the image or over its metadata"
+            )));
+        }
+        Ok(())
     }
 
     fn set_l1(&mut self, i: usize, value: u64) {
@@ -508,6 +523,7 @@ impl Qcow2 {
         let entry = self.l2.slot(slot).table[idx];
         let old = self.decode(entry)?;
         if let Mapping::Data { host, copied: true } = old {
+            self.check_in_place(host, "data cluster")?;
             self.storage
                 .write_at(data, host + in_off as u64)
                 .map_err(|e| Error::io(format!("writing data cluster at {host:#x}"), e))?;
@@ -526,7 +542,10 @@ impl Qcow2 {
             Mapping::Zero {
                 host: Some(host),
                 copied: true,
-            } => (host, None),
+            } => {
+                self.check_in_place(host, "data cluster")?;
+                (host, None)
+            }
             _ => (self.alloc(1)?, self.owned_range(old)),
         };
         self.storage

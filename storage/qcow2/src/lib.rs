@@ -13,6 +13,7 @@ mod backing;
 mod check;
 mod create;
 mod error;
+pub mod fuzz;
 pub mod header;
 mod image;
 mod info;

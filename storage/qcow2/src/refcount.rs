@@ -226,7 +226,13 @@ impl Refcounts {
         Ok(())
     }
 
-    fn is_reserved(&self, ci: u64) -> bool {
+    /// First cluster index past everything in the file or allocated.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Whether `ci` holds the header, the L1 table or the refcount table.
+    pub fn is_reserved(&self, ci: u64) -> bool {
         self.reserved.iter().any(|&(a, b)| (a..=b).contains(&ci))
     }
 

@@ -4,6 +4,7 @@
 mod crash;
 mod create;
 mod differential;
+mod fuzz_corpus;
 mod malformed;
 mod model;
 mod util;
