@@ -47,7 +47,7 @@ pub(crate) fn run(img: &mut Qcow2) -> Result<CheckReport> {
         if len == 0 {
             return;
         }
-        for ci in (off >> bits)..=((off + len - 1) >> bits) {
+        for ci in (off >> bits)..=(off.saturating_add(len - 1) >> bits) {
             *refs_of.entry(ci).or_default() += 1;
         }
     };
@@ -80,8 +80,9 @@ pub(crate) fn run(img: &mut Qcow2) -> Result<CheckReport> {
         )?;
         refs.check_entries()?;
         for off in refs.block_offsets() {
-            if off + cs > file_len {
+            if off.checked_add(cs).is_none_or(|end| end > file_len) {
                 report.corrupt(format!("refcount block at {off:#x} beyond end of file"));
+                continue;
             }
             add(off, cs);
         }

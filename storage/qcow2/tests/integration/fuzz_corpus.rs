@@ -1,6 +1,6 @@
 //! Replay the fuzz targets' corpora as a normal test: the seeds that
-//! `fixtures/qcow2/make-corpus.sh` generates, and whatever `fuzz/corpus/` and
-//! `fuzz/artifacts/` hold from earlier fuzzing runs.
+//! `fixtures/qcow2/make-corpus.sh` generates, the regressions in `fixtures/qcow2/regressions/`,
+//! and whatever `fuzz/corpus/` and `fuzz/artifacts/` hold from earlier fuzzing runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +35,9 @@ fn replay(target: &str, body: fn(&[u8])) {
     let mut all = generated;
     all.extend(files(&root.join("fuzz/corpus").join(target)));
     all.extend(files(&root.join("fuzz/artifacts").join(target)));
+    // Inputs that once crashed a target, kept as regression tests (the engine's input
+    // format is a superset of the header's: both bodies run on them).
+    all.extend(files(&root.join("fixtures/qcow2/regressions")));
     for f in &all {
         let data = std::fs::read(f).unwrap();
         body(&data);
