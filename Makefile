@@ -14,7 +14,7 @@ setup:
 	bash scripts/setup.sh
 
 test: setup
-	$(CARGO) test --workspace
+	CARGO=$(CARGO) bash scripts/test.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -61,10 +61,11 @@ fn fixture() -> Fixture {
     }
 }
 
-fn open_imago(path: &Path, write: bool) -> FormatAccess<File> {
-    let q = imago::qcow2::Qcow2::<File>::builder_path(path)
+fn open_imago(path: &Path, write: bool) -> FormatAccess<imago::file::File> {
+    // imago built with its `sync` feature: the API is synchronous, no runtime involved.
+    let q = imago::qcow2::Qcow2::<imago::file::File>::builder_path(path)
         .write(write)
-        .open_sync(PermissiveImplicitOpenGate::default())
+        .open(PermissiveImplicitOpenGate::default())
         .unwrap();
     FormatAccess::new(q)
 }

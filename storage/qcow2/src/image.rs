@@ -224,8 +224,8 @@ impl Qcow2 {
         self.backing.as_deref()
     }
 
-    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
-        match offset.checked_add(len as u64) {
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
             Some(end) if end <= self.header.size => Ok(()),
             _ => Err(invalid(format!(
                 "range {offset}+{len} is outside the virtual disk ({} bytes)",
@@ -321,11 +321,11 @@ impl Qcow2 {
 
     /// Fill `buf` from the virtual disk at `offset`.
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len())?;
         self.read_inner(buf, offset).map_err(|e| self.err(e))
     }
 
     fn read_inner(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -501,15 +501,18 @@ impl Qcow2 {
 
     /// Write `buf` to the virtual disk at `offset`.
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset).map_err(|e| self.err(e))
+    }
+
+    fn write_inner(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        self.check_range(offset, buf.len())?;
+        self.check_range(offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let in_off = pos & (self.cluster_size - 1);
             let n = ((self.cluster_size - in_off) as usize).min(buf.len() - done);
-            self.write_cluster(pos, &buf[done..done + n])
-                .map_err(|e| self.err(e))?;
+            self.write_cluster(pos, &buf[done..done + n])?;
             done += n;
         }
         Ok(())
@@ -564,17 +567,18 @@ impl Qcow2 {
     /// clusters release their space (a v3 image with a backing file records them as zero
     /// clusters); partial clusters are zeroed in place.
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len).map_err(|e| self.err(e))
+    }
+
+    fn discard_inner(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        self.check_range(offset, len as usize)?;
-        if usize::try_from(len).is_err() {
-            return Err(invalid("discard length too large"));
-        }
+        self.check_range(offset, len)?;
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
             let in_off = pos & (self.cluster_size - 1);
             let n = (self.cluster_size - in_off).min(end - pos);
-            self.discard_cluster(pos, n).map_err(|e| self.err(e))?;
+            self.discard_cluster(pos, n)?;
             pos += n;
         }
         Ok(())
