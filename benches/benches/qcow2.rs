@@ -52,6 +52,8 @@ fn fixture() -> Fixture {
     }
     img.flush().unwrap();
     drop(img);
+    // Let writeback of the fixtures finish before anything is timed.
+    File::open(&raw).unwrap().sync_all().unwrap();
     let base_dir = dir.path().to_path_buf();
     Fixture {
         raw,
@@ -219,7 +221,9 @@ fn allocating_writes(c: &mut Criterion, f: &Fixture) {
             for i in 0..iters {
                 im.write(&buf[..], (i % clusters) * 65536).unwrap();
             }
+            // boxlet's flush makes the writes durable; imago's needs a sync for that.
             im.flush().unwrap();
+            im.sync().unwrap();
             let t = start.elapsed();
             drop(im);
             std::fs::remove_file(&p).unwrap();

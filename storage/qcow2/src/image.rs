@@ -83,6 +83,8 @@ pub struct Qcow2 {
     data_unsynced: bool,
     /// Last decompressed cluster, by its L2 entry.
     inflated: Option<(u64, Vec<u8>)>,
+    /// A cluster-sized buffer for copy-on-write, kept between writes.
+    scratch: Vec<u8>,
 }
 
 impl Qcow2 {
@@ -155,6 +157,7 @@ impl Qcow2 {
             pending_free: Vec::new(),
             data_unsynced: false,
             inflated: None,
+            scratch: Vec::new(),
             header,
         };
         if opts.writable {
@@ -535,7 +538,9 @@ impl Qcow2 {
         }
         // A new cluster, or a preallocated zero cluster of ours: write it whole.
         let cs = self.cluster_size as usize;
-        let mut cluster = vec![0u8; cs];
+        // Every byte of the buffer is overwritten below: by the old contents, then `data`.
+        let mut cluster = std::mem::take(&mut self.scratch);
+        cluster.resize(cs, 0);
         if data.len() < cs {
             let base = pos - in_off as u64;
             self.read_mapped(old, base, 0, &mut cluster)?;
@@ -554,6 +559,7 @@ impl Qcow2 {
         self.storage
             .write_at(&cluster, target)
             .map_err(|e| Error::io(format!("writing data cluster at {target:#x}"), e))?;
+        self.scratch = cluster;
         self.data_unsynced = true;
         // Allocation never touches the L2 cache, so the slot is still ours.
         self.set_l2(slot, idx, target | OFLAG_COPIED);
