@@ -52,7 +52,7 @@ pub(crate) fn run(img: &mut Qcow2) -> Result<CheckReport> {
         }
     };
 
-    let entries = {
+    let (entries, mut refs, file_len) = {
         let p = img.parts();
         let h = p.header;
         if h.nb_snapshots > 0 {
@@ -107,13 +107,8 @@ pub(crate) fn run(img: &mut Qcow2) -> Result<CheckReport> {
                     .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))),
             );
         }
-        entries
+        (entries, refs, file_len)
     };
-    let file_len = img
-        .parts()
-        .storage
-        .len()
-        .map_err(|e| Error::io("reading the file length", e))?;
     for e in entries {
         match img.decode_entry(e) {
             Err(err) => report.corrupt(format!("L2 entry {e:#x}: {err}")),
@@ -132,15 +127,6 @@ pub(crate) fn run(img: &mut Qcow2) -> Result<CheckReport> {
     }
 
     let p = img.parts();
-    let h = p.header;
-    let mut refs = Refcounts::load(
-        p.storage,
-        h.refcount_order,
-        h.cluster_bits,
-        h.refcount_table_offset,
-        h.refcount_table_clusters,
-        file_len,
-    )?;
     report.referenced_clusters = refs_of.len() as u64;
     // Every cluster of the file, and every referenced one (beyond the file when corrupt).
     let file_clusters = file_len.div_ceil(cs);

@@ -30,6 +30,33 @@ fn patterned_raw(path: &Path, size: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// `qemu-img convert` of a raw file to qcow2 with `-o opts` (and `-c` when `compress`).
+fn convert(src: &Path, dst: &Path, opts: &str, compress: bool) {
+    let mut args = vec![
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        opts,
+        s(src),
+        s(dst),
+    ];
+    if compress {
+        args.insert(1, "-c");
+    }
+    run_ok("qemu-img", &args);
+}
+
+fn open_rw(path: &Path) -> Qcow2 {
+    let opts = OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    Qcow2::open_with(path, opts).unwrap()
+}
+
 fn qemu_io(img: &Path, fmt: &str, cmd: &str) {
     run_ok("qemu-io", &["-f", fmt, "-c", cmd, s(img)]);
 }
@@ -54,20 +81,7 @@ fn qemu_images_export_identically_for_every_cluster_size_and_compat() {
         for compat in ["0.10", "1.1"] {
             let img = dir.path().join(format!("img-{cluster}-{compat}.qcow2"));
             let opts = format!("cluster_size={cluster},compat={compat}");
-            run_ok(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    &opts,
-                    s(&raw),
-                    s(&img),
-                ],
-            );
+            convert(&raw, &img, &opts, false);
             let ours = assert_same_as_qemu(&img, dir.path());
             assert!(ours == data, "{cluster} {compat}: differs from the source");
         }
@@ -82,34 +96,14 @@ fn every_refcount_width_reads_and_writes() {
     for bits in [1, 2, 4, 8, 16, 32, 64] {
         let img = dir.path().join(format!("rc{bits}.qcow2"));
         let opts = format!("refcount_bits={bits},cluster_size=4k");
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                &opts,
-                s(&raw),
-                s(&img),
-            ],
-        );
+        convert(&raw, &img, &opts, false);
         assert_eq!(
             assert_same_as_qemu(&img, dir.path()),
             data,
             "refcount_bits={bits}"
         );
 
-        let mut q = Qcow2::open_with(
-            &img,
-            OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut q = open_rw(&img);
         let mut rng = Rng::new(bits);
         random_writes(&mut q, &mut data, &mut rng, 40);
         drop(q);
@@ -156,21 +150,7 @@ fn compressed_clusters_read_and_get_replaced_on_write() {
         std::fs::write(&raw, &data).unwrap();
         let img = dir.path().join(format!("c-{cluster}.qcow2"));
         let opts = format!("cluster_size={cluster}");
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                &opts,
-                s(&raw),
-                s(&img),
-            ],
-        );
+        convert(&raw, &img, &opts, true);
         let info = run_ok("qemu-img", &["check", s(&img)]);
         assert!(
             info.contains("compressed clusters") && !info.contains(", 0.00% compressed"),
@@ -178,14 +158,7 @@ fn compressed_clusters_read_and_get_replaced_on_write() {
         );
         assert_eq!(assert_same_as_qemu(&img, dir.path()), data);
 
-        let mut q = Qcow2::open_with(
-            &img,
-            OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut q = open_rw(&img);
         random_writes(&mut q, &mut data, &mut Rng::new(11), 60);
         drop(q);
         qemu_check_clean(&img);
@@ -272,14 +245,7 @@ fn preallocated_and_lazy_refcount_images_read_and_write() {
         );
         qemu_io(&img, "qcow2", "write -P 0x42 123k 77k");
         let mut data = assert_same_as_qemu(&img, dir.path());
-        let mut q = Qcow2::open_with(
-            &img,
-            OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut q = open_rw(&img);
         random_writes(&mut q, &mut data, &mut Rng::new(21), 30);
         drop(q);
         qemu_check_clean(&img);
@@ -347,14 +313,7 @@ fn boxlet_images_pass_qemu_check_and_compare_after_random_writes() {
                         backing,
                     };
                     let (img, mut model) = boxlet_image(dir.path(), &c, 3 << 20);
-                    let mut q = Qcow2::open_with(
-                        &img,
-                        OpenOptions {
-                            writable: true,
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap();
+                    let mut q = open_rw(&img);
                     seed += 1;
                     random_writes(&mut q, &mut model, &mut Rng::new(seed), 50);
                     drop(q);
@@ -397,14 +356,7 @@ fn refcount_table_grows_when_the_image_outgrows_it() {
     };
     create(&img, &opts).unwrap();
     let table_before = Qcow2::open(&img).unwrap().header().refcount_table_offset;
-    let mut q = Qcow2::open_with(
-        &img,
-        OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut q = open_rw(&img);
     let mut data = vec![0u8; 6 << 20];
     Rng::new(1).fill(&mut data);
     q.write_at(&data, 1 << 20).unwrap();
