@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::path::{Path, PathBuf};
 
-use crate::error::{Corruption, Result};
+use crate::error::{Corruption, Result, Unsupported};
 use crate::header::Header;
 use crate::image::{Qcow2, StorageOptions};
 use crate::storage::Storage;
@@ -115,6 +115,9 @@ pub fn resolve_chain(top: &Path, backing_format: Option<BackingFormat>) -> Resul
                 "backing chain deeper than {MAX_CHAIN_DEPTH} images"
             ))
             .with_path(top));
+        }
+        if let (None, Some(other)) = (header.backing_format, &header.backing_format_name) {
+            return Err(Error::from(Unsupported::BackingFormat(other.clone())).with_path(&cur.path));
         }
         let hint = if chain.len() == 1 {
             backing_format

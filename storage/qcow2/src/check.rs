@@ -2,11 +2,11 @@
 //! tables and L2 entries, and compare with the stored refcounts (what `qemu-img check`
 //! does for images without snapshots).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::Result;
 use crate::header::check_table;
-use crate::image::{Mapping, Qcow2, L1_OFFSET_MASK};
+use crate::image::{decode_l2, Mapping, Qcow2, L1_OFFSET_MASK};
 use crate::refcount::Refcounts;
 use crate::{invalid, Error};
 
@@ -38,7 +38,7 @@ impl CheckReport {
     }
 }
 
-pub(crate) fn run(img: &mut Qcow2) -> Result<CheckReport> {
+pub(crate) fn run(img: &Qcow2) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let cs = img.cluster_size();
     let bits = cs.trailing_zeros();
@@ -52,81 +52,79 @@ pub(crate) fn run(img: &mut Qcow2) -> Result<CheckReport> {
         }
     };
 
-    let (entries, mut refs, file_len) = {
-        let p = img.parts();
-        let h = p.header;
-        if h.nb_snapshots > 0 {
-            return Err(invalid(
-                "checking images with internal snapshots is not implemented",
-            ));
+    let p = img.parts();
+    let h = p.header;
+    if h.nb_snapshots > 0 {
+        return Err(invalid(
+            "checking images with internal snapshots is not implemented",
+        ));
+    }
+    let file_len = p
+        .storage
+        .len()
+        .map_err(|e| Error::io("reading the file length", e))?;
+    add(0, cs);
+    add(h.l1_table_offset, u64::from(h.l1_size) * 8);
+    add(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+    );
+    let mut refs = Refcounts::load(
+        p.storage,
+        h.refcount_order,
+        h.cluster_bits,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        file_len,
+    )?;
+    refs.check_entries()?;
+    for off in refs.block_offsets() {
+        if off.checked_add(cs).is_none_or(|end| end > file_len) {
+            report.corrupt(format!("refcount block at {off:#x} beyond end of file"));
+            continue;
         }
-        let file_len = p
-            .storage
-            .len()
-            .map_err(|e| Error::io("reading the file length", e))?;
-        add(0, cs);
-        add(h.l1_table_offset, u64::from(h.l1_size) * 8);
-        add(
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters) * cs,
-        );
-        let refs = Refcounts::load(
-            p.storage,
-            h.refcount_order,
-            h.cluster_bits,
-            h.refcount_table_offset,
-            h.refcount_table_clusters,
-            file_len,
-        )?;
-        refs.check_entries()?;
-        for off in refs.block_offsets() {
-            if off.checked_add(cs).is_none_or(|end| end > file_len) {
-                report.corrupt(format!("refcount block at {off:#x} beyond end of file"));
-                continue;
-            }
-            add(off, cs);
-        }
+        add(off, cs);
+    }
 
-        let mut entries = Vec::new();
-        for (i, e) in p.l1.iter().enumerate() {
-            let l2 = e & L1_OFFSET_MASK;
-            if l2 == 0 {
-                continue;
-            }
-            if check_table("L2 table", l2, cs, cs, file_len).is_err() {
-                report.corrupt(format!("L1 entry {i}: L2 table at {l2:#x} invalid"));
-                continue;
-            }
-            add(l2, cs);
-            let mut raw = vec![0u8; cs as usize];
-            p.storage
-                .read_at(&mut raw, l2)
-                .map_err(|e| Error::io("reading an L2 table", e))?;
-            entries.extend(
-                raw.chunks_exact(8)
-                    .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))),
-            );
+    // Walk each L2 table once, however many L1 entries name it (each naming counts as
+    // a reference, so sharing shows up as a refcount mismatch).
+    let mut walked = HashSet::new();
+    let mut raw = vec![0u8; cs as usize];
+    for (i, e) in p.l1.iter().enumerate() {
+        let l2 = e & L1_OFFSET_MASK;
+        if l2 == 0 {
+            continue;
         }
-        (entries, refs, file_len)
-    };
-    for e in entries {
-        match img.decode_entry(e) {
-            Err(err) => report.corrupt(format!("L2 entry {e:#x}: {err}")),
-            Ok(Mapping::Data { host, .. })
-            | Ok(Mapping::Zero {
-                host: Some(host), ..
-            }) => {
-                if host >= file_len {
-                    report.corrupt(format!("data cluster at {host:#x} beyond end of file"));
+        if check_table("L2 table", l2, cs, cs, file_len).is_err() {
+            report.corrupt(format!("L1 entry {i}: L2 table at {l2:#x} invalid"));
+            continue;
+        }
+        add(l2, cs);
+        if !walked.insert(l2) {
+            continue;
+        }
+        p.storage
+            .read_at(&mut raw, l2)
+            .map_err(|e| Error::io("reading an L2 table", e))?;
+        for c in raw.chunks_exact(8) {
+            let e = u64::from_be_bytes(c.try_into().expect("8 bytes"));
+            match decode_l2(e, h.cluster_bits) {
+                Err(err) => report.corrupt(format!("L2 entry {e:#x}: {err}")),
+                Ok(Mapping::Data { host, .. })
+                | Ok(Mapping::Zero {
+                    host: Some(host), ..
+                }) => {
+                    if host >= file_len {
+                        report.corrupt(format!("data cluster at {host:#x} beyond end of file"));
+                    }
+                    add(host, cs);
                 }
-                add(host, cs);
+                Ok(Mapping::Compressed { offset, sectors }) => add(offset & !511, sectors * 512),
+                Ok(_) => {}
             }
-            Ok(Mapping::Compressed { offset, sectors }) => add(offset & !511, sectors * 512),
-            Ok(_) => {}
         }
     }
 
-    let p = img.parts();
     report.referenced_clusters = refs_of.len() as u64;
     // Every cluster of the file, and every referenced one (beyond the file when corrupt).
     let file_clusters = file_len.div_ceil(cs);

@@ -124,7 +124,8 @@ pub fn create_on(storage: &mut dyn Storage, opts: &CreateOptions) -> Result<()> 
             "virtual size {size} needs an L1 table over 32 MiB with {cs}-byte clusters"
         )));
     }
-    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    // A zero-sized disk has no L1 table at all (offset 0), as QEMU writes it.
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let epb = cs * 8 / (1u64 << order);
 
     // Header cluster, refcount table, refcount blocks, L1: find a fixed point.
@@ -151,7 +152,7 @@ pub fn create_on(storage: &mut dyn Storage, opts: &CreateOptions) -> Result<()> 
         size,
         crypt_method: 0,
         l1_size: l1_entries as u32,
-        l1_table_offset: l1_off,
+        l1_table_offset: if l1_entries > 0 { l1_off } else { 0 },
         refcount_table_offset: rt_off,
         refcount_table_clusters: rt as u32,
         nb_snapshots: 0,
@@ -168,6 +169,7 @@ pub fn create_on(storage: &mut dyn Storage, opts: &CreateOptions) -> Result<()> 
         compression_type: 0,
         backing_file: None,
         backing_format: None,
+        backing_format_name: None,
         feature_names: Vec::new(),
         extensions: Vec::new(),
     };

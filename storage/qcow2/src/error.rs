@@ -131,9 +131,6 @@ pub enum Corruption {
         /// Its length.
         len: u32,
     },
-    /// The backing format extension is not a known format name.
-    #[error("backing format extension holds {0:?}")]
-    BackingFormat(String),
     /// A compressed cluster does not inflate to a full cluster.
     #[error("compressed cluster at host offset {0:#x} does not decompress")]
     Compressed(u64),
@@ -163,6 +160,9 @@ pub enum Unsupported {
     /// A compression type other than deflate.
     #[error("compression type {0} ({name})", name = if *.0 == 1 { "zstd" } else { "unknown" })]
     CompressionType(u8),
+    /// A backing file in a format other than raw and qcow2.
+    #[error("backing file format {0:?} (only raw and qcow2)")]
+    BackingFormat(String),
     /// Writing to an image in a state or with a feature that only allows reading.
     #[error("writing: {0}")]
     Write(String),

@@ -2,7 +2,7 @@
 //! exactly what the fuzzer runs. Each takes arbitrary bytes and must never panic.
 
 use crate::image::{Qcow2, StorageOptions};
-use crate::{Header, ImageInfo, MemStorage};
+use crate::{BlockDevice, Header, ImageInfo, MemStorage, RawImage};
 
 /// Parse a header and, if it is valid, read the start and end of the disk.
 pub fn header(data: &[u8]) {
@@ -37,8 +37,15 @@ pub fn engine(data: &[u8]) {
         writable: true,
         l2_cache_tables: 3,
     };
+    // An image that names a backing file gets an empty one (reads as zeros), so that it
+    // can be opened for writing.
     let storage = Box::new(MemStorage::new(image.to_vec()));
-    let mut img = match Qcow2::from_storage(storage, opts, None) {
+    let backing = Header::read(&*storage)
+        .ok()
+        .and_then(|h| h.backing_file)
+        .and_then(|_| RawImage::new(Box::new(MemStorage::default())).ok())
+        .map(|r| Box::new(r) as Box<dyn BlockDevice>);
+    let mut img = match Qcow2::from_storage(storage, opts, backing) {
         Ok(img) => img,
         Err(_) => {
             let storage = Box::new(MemStorage::new(image.to_vec()));

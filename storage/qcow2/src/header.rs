@@ -149,8 +149,10 @@ pub struct Header {
     pub compression_type: u8,
     /// The backing file name, if any.
     pub backing_file: Option<String>,
-    /// The backing file format extension, if present.
+    /// The backing file format extension, if present and a format boxlet opens.
     pub backing_format: Option<BackingFormat>,
+    /// The backing file format extension as recorded (any format QEMU knows).
+    pub backing_format_name: Option<String>,
     /// The feature name table, if present.
     pub feature_names: Vec<FeatureName>,
     /// Every extension found, in order.
@@ -225,6 +227,7 @@ impl Header {
             compression_type: 0,
             backing_file: None,
             backing_format: None,
+            backing_format_name: None,
             feature_names: Vec::new(),
             extensions: Vec::new(),
         };
@@ -330,10 +333,11 @@ impl Header {
             self.extensions.push(ExtensionInfo { ext_type, len });
             match ext_type {
                 EXT_BACKING_FORMAT => {
+                    // Other formats (vmdk, ...) are valid; refused only if the chain is
+                    // opened.
                     let name = String::from_utf8_lossy(data).into_owned();
-                    let fmt =
-                        BackingFormat::from_name(&name).ok_or(Corruption::BackingFormat(name))?;
-                    self.backing_format = Some(fmt);
+                    self.backing_format = BackingFormat::from_name(&name);
+                    self.backing_format_name = Some(name);
                 }
                 EXT_FEATURE_NAMES => {
                     for entry in data.chunks_exact(48) {

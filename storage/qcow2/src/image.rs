@@ -6,7 +6,8 @@
 //! Writes allocate clusters and keep metadata in write-back caches. [`Qcow2::flush`] makes
 //! everything durable in an order that keeps every on-disk state consistent:
 //!
-//! 1. data clusters and refcount blocks (refcounts only ever grow here), sync;
+//! 1. data clusters and refcount blocks (refcounts only ever grow here), sync; refcount
+//!    table entries that point to new blocks, sync;
 //! 2. the header, if the refcount table moved, sync;
 //! 3. L2 tables, sync; 4. the L1 table, sync;
 //! 5. only now are clusters that no longer have a reference released, sync.
@@ -15,6 +16,7 @@
 //! higher than the references), never a reference to a cluster that was not yet written
 //! or not yet counted, and never a freed cluster that something still points to.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use flate2::{Decompress, FlushDecompress};
@@ -52,6 +54,37 @@ pub(crate) enum Mapping {
     Compressed { offset: u64, sectors: u64 },
 }
 
+/// Decode a standard L2 entry of an image with `cluster_bits`.
+pub(crate) fn decode_l2(entry: u64, cluster_bits: u32) -> Result<Mapping> {
+    if entry & OFLAG_COMPRESSED != 0 {
+        let shift = 62 - (cluster_bits - 8);
+        let mask = (1u64 << (cluster_bits - 8)) - 1;
+        return Ok(Mapping::Compressed {
+            offset: entry & ((1u64 << shift) - 1),
+            sectors: ((entry >> shift) & mask) + 1,
+        });
+    }
+    let host = entry & L2_OFFSET_MASK;
+    let copied = entry & OFLAG_COPIED != 0;
+    if host % (1u64 << cluster_bits) != 0 {
+        return Err(Corruption::Unaligned {
+            table: "data cluster",
+            offset: host,
+        }
+        .into());
+    }
+    if entry & OFLAG_ZERO != 0 {
+        Ok(Mapping::Zero {
+            host: (host != 0).then_some(host),
+            copied,
+        })
+    } else if host == 0 {
+        Ok(Mapping::Unallocated)
+    } else {
+        Ok(Mapping::Data { host, copied })
+    }
+}
+
 /// Options for opening an image from storage.
 #[derive(Debug, Default)]
 pub struct StorageOptions {
@@ -81,10 +114,12 @@ pub struct Qcow2 {
     pending_free: Vec<(u64, u64)>,
     /// Data written since the last sync.
     data_unsynced: bool,
-    /// Last decompressed cluster, by its L2 entry.
-    inflated: Option<(u64, Vec<u8>)>,
+    /// Last decompressed cluster, by (host offset, sectors).
+    inflated: Option<((u64, u64), Vec<u8>)>,
     /// A cluster-sized buffer for copy-on-write, kept between writes.
     scratch: Vec<u8>,
+    /// Cluster indices of the L2 tables the L1 table names (writable images).
+    l2_clusters: HashSet<u64>,
 }
 
 impl Qcow2 {
@@ -122,6 +157,13 @@ impl Qcow2 {
                 ))
                 .into());
             }
+            if let (Some(name), None) = (&header.backing_file, &backing) {
+                // Partial writes copy the rest of the cluster from the backing file and
+                // discards must hide it: neither can be done without it.
+                return Err(invalid(format!(
+                    "image has backing file {name:?}: writing needs the backing file opened too"
+                )));
+            }
         }
 
         // Validated by Header::read to lie inside the file, so the file justifies it.
@@ -158,6 +200,7 @@ impl Qcow2 {
             data_unsynced: false,
             inflated: None,
             scratch: Vec::new(),
+            l2_clusters: HashSet::new(),
             header,
         };
         if opts.writable {
@@ -171,12 +214,20 @@ impl Qcow2 {
                 file_len,
             )?;
             refs.reserve(0, cluster_size);
-            refs.reserve(h.l1_table_offset, u64::from(h.l1_size) * 8);
+            if h.l1_size > 0 {
+                refs.reserve(h.l1_table_offset, u64::from(h.l1_size) * 8);
+            }
             refs.reserve(
                 h.refcount_table_offset,
                 u64::from(h.refcount_table_clusters) * cluster_size,
             );
             img.refs = Some(refs);
+            img.l2_clusters = img
+                .l1
+                .iter()
+                .map(|e| (e & L1_OFFSET_MASK) >> cluster_bits)
+                .filter(|&c| c != 0)
+                .collect();
             // Autoclear bits name extensions (bitmaps) that a writer that does not keep
             // them up to date must invalidate.
             if img.header.version >= 3 && img.header.autoclear_features != 0 {
@@ -238,33 +289,7 @@ impl Qcow2 {
     }
 
     fn decode(&self, entry: u64) -> Result<Mapping> {
-        if entry & OFLAG_COMPRESSED != 0 {
-            let shift = 62 - (self.cluster_bits - 8);
-            let mask = (1u64 << (self.cluster_bits - 8)) - 1;
-            return Ok(Mapping::Compressed {
-                offset: entry & ((1u64 << shift) - 1),
-                sectors: ((entry >> shift) & mask) + 1,
-            });
-        }
-        let host = entry & L2_OFFSET_MASK;
-        let copied = entry & OFLAG_COPIED != 0;
-        if host % self.cluster_size != 0 {
-            return Err(Corruption::Unaligned {
-                table: "data cluster",
-                offset: host,
-            }
-            .into());
-        }
-        if entry & OFLAG_ZERO != 0 {
-            Ok(Mapping::Zero {
-                host: (host != 0).then_some(host),
-                copied,
-            })
-        } else if host == 0 {
-            Ok(Mapping::Unallocated)
-        } else {
-            Ok(Mapping::Data { host, copied })
-        }
+        decode_l2(entry, self.cluster_bits)
     }
 
     /// Cache slot of the L2 table at `offset`, loading it if needed.
@@ -379,7 +404,7 @@ impl Qcow2 {
 
     /// Decompress the cluster at `offset` (raw deflate, as QEMU writes it).
     fn inflate(&mut self, offset: u64, sectors: u64) -> Result<&[u8]> {
-        let key = offset | (sectors << 56);
+        let key = (offset, sectors);
         if self.inflated.as_ref().is_none_or(|(k, _)| *k != key) {
             let cs = self.cluster_size as usize;
             let len = (sectors * 512 - (offset & 511)) as usize;
@@ -447,10 +472,11 @@ impl Qcow2 {
             let off = self.alloc(1)?;
             self.make_room()?;
             let slot = self.l2.insert(off, vec![0u64; 1 << self.l2_bits], true);
+            self.l2_clusters.insert(off >> self.cluster_bits);
             self.set_l1(l1i, off | OFLAG_COPIED);
             return Ok((slot, idx));
         }
-        self.check_in_place(l2_off, "L2 table")?;
+        self.check_in_place(l2_off, "L2 table", true)?;
         if entry & OFLAG_COPIED == 0 {
             if self.refcount(l2_off)? != 1 {
                 return Err(corrupt(format!(
@@ -462,17 +488,30 @@ impl Qcow2 {
         Ok((self.l2_slot(l2_off)?, idx))
     }
 
-    /// A cluster about to be written in place must lie inside the image and must not be
-    /// the header, the L1 table or the refcount table (a lying L2 entry must not make the
-    /// engine overwrite metadata or grow the file without bound).
-    fn check_in_place(&mut self, host: u64, what: &str) -> Result<()> {
+    /// A cluster about to be written in place, or released, must lie inside the image and
+    /// must not hold metadata (header, L1, refcount table or blocks, or, unless it is the
+    /// L2 table being updated, an L2 table): a lying entry must not make the engine
+    /// overwrite or free metadata, or grow the file without bound.
+    fn check_in_place(&mut self, host: u64, what: &str, is_l2: bool) -> Result<()> {
         let ci = host >> self.cluster_bits;
+        let l2 = !is_l2 && self.l2_clusters.contains(&ci);
         let refs = self.refs();
-        if ci >= refs.end() || refs.is_reserved(ci) {
+        if ci >= refs.end() || refs.is_metadata(ci) || l2 {
             return Err(corrupt(format!(
                 "{what} at {host:#x} lies outside the image or over its metadata"
             )));
         }
+        Ok(())
+    }
+
+    /// Queue a host range for release at the next flush, once nothing points to it.
+    fn release(&mut self, (off, len): (u64, u64)) -> Result<()> {
+        let first = off >> self.cluster_bits;
+        let last = (off + len - 1) >> self.cluster_bits;
+        for ci in first..=last {
+            self.check_in_place(ci << self.cluster_bits, "released cluster", false)?;
+        }
+        self.pending_free.push((off, len));
         Ok(())
     }
 
@@ -529,7 +568,7 @@ impl Qcow2 {
         let entry = self.l2.slot(slot).table[idx];
         let old = self.decode(entry)?;
         if let Mapping::Data { host, copied: true } = old {
-            self.check_in_place(host, "data cluster")?;
+            self.check_in_place(host, "data cluster", false)?;
             self.storage
                 .write_at(data, host + in_off as u64)
                 .map_err(|e| Error::io(format!("writing data cluster at {host:#x}"), e))?;
@@ -551,7 +590,7 @@ impl Qcow2 {
                 host: Some(host),
                 copied: true,
             } => {
-                self.check_in_place(host, "data cluster")?;
+                self.check_in_place(host, "data cluster", false)?;
                 (host, None)
             }
             _ => (self.alloc(1)?, self.owned_range(old)),
@@ -564,7 +603,7 @@ impl Qcow2 {
         // Allocation never touches the L2 cache, so the slot is still ours.
         self.set_l2(slot, idx, target | OFLAG_COPIED);
         if let Some(r) = release {
-            self.pending_free.push(r);
+            self.release(r)?;
         }
         Ok(())
     }
@@ -615,10 +654,10 @@ impl Qcow2 {
         }
         let (slot, idx) = self.l2_for_write(vc)?;
         let new = if has_backing { OFLAG_ZERO } else { 0 };
-        self.set_l2(slot, idx, new);
         if let Some(r) = self.owned_range(m) {
-            self.pending_free.push(r);
+            self.release(r)?;
         }
+        self.set_l2(slot, idx, new);
         Ok(())
     }
 
@@ -636,12 +675,13 @@ impl Qcow2 {
     }
 
     fn flush_inner(&mut self) -> Result<()> {
-        // 1. Data and refcounts.
-        let wrote = {
-            let refs = self.refs.as_mut().expect("writable");
-            refs.write_back(&mut *self.storage)?
-        };
-        if wrote || self.data_unsynced {
+        // 1. Data and refcount blocks, then the table entries that point to new blocks.
+        let refs = self.refs.as_mut().expect("writable");
+        if refs.write_blocks(&mut *self.storage)? || self.data_unsynced {
+            self.sync()?;
+        }
+        let refs = self.refs.as_mut().expect("writable");
+        if refs.write_table(&mut *self.storage)? {
             self.sync()?;
         }
         // 2. A moved refcount table becomes current.
@@ -688,7 +728,8 @@ impl Qcow2 {
             for (off, len) in pending {
                 refs.update(&*self.storage, off, len, false)?;
             }
-            if refs.write_back(&mut *self.storage)? {
+            // Freeing only lowers counts in existing blocks: the table does not change.
+            if refs.write_blocks(&mut *self.storage)? {
                 self.sync()?;
             }
         }
@@ -707,16 +748,12 @@ impl Qcow2 {
         crate::check::run(self).map_err(|e| self.err(e))
     }
 
-    pub(crate) fn parts(&mut self) -> CheckParts<'_> {
+    pub(crate) fn parts(&self) -> CheckParts<'_> {
         CheckParts {
             storage: &*self.storage,
             header: &self.header,
             l1: &self.l1,
         }
-    }
-
-    pub(crate) fn decode_entry(&self, entry: u64) -> Result<Mapping> {
-        self.decode(entry)
     }
 }
 

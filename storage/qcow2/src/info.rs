@@ -1,7 +1,6 @@
 //! A summary of an image for `boxlet qcow2 info`.
 
 use crate::header::{incompatible_feature_name, ExtensionInfo, Header, COMPAT_LAZY_REFCOUNTS};
-use crate::BackingFormat;
 
 /// What `boxlet qcow2 info` shows.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -22,8 +21,8 @@ pub struct ImageInfo {
     pub file_length: u64,
     /// Backing file name as stored.
     pub backing_file: Option<String>,
-    /// Backing format extension.
-    pub backing_format: Option<BackingFormat>,
+    /// Backing format extension, as recorded.
+    pub backing_format: Option<String>,
     /// Lazy refcounts (compatible bit 0).
     pub lazy_refcounts: bool,
     /// Names of the incompatible feature bits that are set.
@@ -56,7 +55,7 @@ impl ImageInfo {
             refcount_bits: 1 << h.refcount_order,
             file_length,
             backing_file: h.backing_file.clone(),
-            backing_format: h.backing_format,
+            backing_format: h.backing_format_name.clone(),
             lazy_refcounts: h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
             incompatible_features,
             compatible_features: h.compatible_features,

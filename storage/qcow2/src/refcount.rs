@@ -7,7 +7,7 @@
 //! moved to a larger one at the end of the image; the old one is freed once the header
 //! points at the new one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{corrupt, Corruption, Result};
 use crate::header::{check_table, MAX_REFTABLE_BYTES};
@@ -82,6 +82,8 @@ pub(crate) struct Refcounts {
     free_hint: u64,
     /// Clusters that must never be handed out (header, L1, refcount table).
     reserved: Vec<(u64, u64)>,
+    /// Cluster indices of the refcount blocks.
+    block_clusters: HashSet<u64>,
 }
 
 impl Refcounts {
@@ -100,9 +102,14 @@ impl Refcounts {
         storage
             .read_at(&mut raw, table_offset)
             .map_err(|e| Error::io("reading the refcount table", e))?;
-        let table = raw
+        let table: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let block_clusters = table
+            .iter()
+            .map(|e| (e & REFT_OFFSET_MASK) >> cluster_bits)
+            .filter(|&c| c != 0)
             .collect();
         Ok(Self {
             order,
@@ -119,13 +126,14 @@ impl Refcounts {
             end: file_len.div_ceil(cs),
             free_hint: 0,
             reserved: Vec::new(),
+            block_clusters,
         })
     }
 
     /// Clusters allocation must never return, whatever their refcount says.
     pub fn reserve(&mut self, offset: u64, len: u64) {
         let first = offset >> self.cluster_bits;
-        let last = (offset + len.max(1) - 1) >> self.cluster_bits;
+        let last = offset.saturating_add(len.max(1) - 1) >> self.cluster_bits;
         self.reserved.push((first, last));
     }
 
@@ -162,6 +170,11 @@ impl Refcounts {
                 .len()
                 .map_err(|e| Error::io("reading the file length", e))?;
             check_table("refcount block", off, cs, cs, file_len)?;
+            if self.is_reserved(off >> self.cluster_bits) {
+                return Err(corrupt(format!(
+                    "refcount block at {off:#x} overlaps the header, L1 or refcount table"
+                )));
+            }
             if self.blocks.len() >= self.block_cache_cap {
                 self.blocks.retain(|_, b| b.dirty);
             }
@@ -236,6 +249,11 @@ impl Refcounts {
         self.reserved.iter().any(|&(a, b)| (a..=b).contains(&ci))
     }
 
+    /// Whether `ci` holds refcount metadata or the header or L1 table.
+    pub fn is_metadata(&self, ci: u64) -> bool {
+        self.is_reserved(ci) || self.block_clusters.contains(&ci)
+    }
+
     /// Allocate `n` contiguous clusters with refcount 1; returns the byte offset.
     pub fn alloc(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
         let start = if n == 1 {
@@ -282,6 +300,7 @@ impl Refcounts {
                     set_entry(&mut data, idx, self.order, 1);
                 }
                 self.blocks.insert(bi, Block { data, dirty: true });
+                self.block_clusters.insert(c);
                 self.set_table(bi as usize, c << self.cluster_bits);
                 if cb != bi {
                     self.set(storage, c, 1)?;
@@ -342,11 +361,8 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Write every dirty block and the changed part of the table. Returns whether anything
-    /// was written.
-    pub fn write_back(&mut self, storage: &mut dyn Storage) -> Result<bool> {
-        let mut wrote = false;
-        let cs = 1u64 << self.cluster_bits;
+    /// Write every dirty refcount block. Returns whether anything was written.
+    pub fn write_blocks(&mut self, storage: &mut dyn Storage) -> Result<bool> {
         let mut dirty: Vec<u64> = self
             .blocks
             .iter()
@@ -354,28 +370,31 @@ impl Refcounts {
             .map(|(&i, _)| i)
             .collect();
         dirty.sort_unstable();
-        for bi in dirty {
+        for &bi in &dirty {
             let off = self.table[bi as usize] & REFT_OFFSET_MASK;
-            debug_assert_eq!(off % cs, 0);
             let block = self.blocks.get_mut(&bi).expect("dirty block cached");
             storage
                 .write_at(&block.data, off)
                 .map_err(|e| Error::io(format!("writing refcount block at {off:#x}"), e))?;
             block.dirty = false;
-            wrote = true;
         }
-        if let Some((a, b)) = self.table_dirty.take() {
-            let bytes: Vec<u8> = self.table[a..b]
-                .iter()
-                .flat_map(|v| v.to_be_bytes())
-                .collect();
-            let off = self.table_offset + a as u64 * 8;
-            storage
-                .write_at(&bytes, off)
-                .map_err(|e| Error::io("writing the refcount table", e))?;
-            wrote = true;
-        }
-        Ok(wrote)
+        Ok(!dirty.is_empty())
+    }
+
+    /// Write the changed part of the refcount table. Call only once the blocks it points
+    /// to are durable. Returns whether anything was written.
+    pub fn write_table(&mut self, storage: &mut dyn Storage) -> Result<bool> {
+        let Some((a, b)) = self.table_dirty.take() else {
+            return Ok(false);
+        };
+        let bytes: Vec<u8> = self.table[a..b]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        storage
+            .write_at(&bytes, self.table_offset + a as u64 * 8)
+            .map_err(|e| Error::io("writing the refcount table", e))?;
+        Ok(true)
     }
 
     /// Every allocated refcount block's byte offset (for the consistency check).

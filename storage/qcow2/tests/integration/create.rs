@@ -182,3 +182,14 @@ fn backing_format_is_never_guessed() {
     img.read_at(&mut b, 100).unwrap();
     assert_eq!(b, [7, 7]);
 }
+
+#[test]
+fn zero_sized_image_has_no_l1_table_and_no_leak() {
+    let dir = TempDir::new().unwrap();
+    let p = dir.path().join("empty.qcow2");
+    create(&p, &CreateOptions::standalone(0)).unwrap();
+    qemu_check_clean(&p);
+    let mut img = Qcow2::open(&p).unwrap();
+    assert_eq!(img.header().l1_size, 0);
+    assert!(img.check().unwrap().is_clean());
+}

@@ -322,14 +322,101 @@ fn extension_overrunning_cluster_0() {
 }
 
 #[test]
-fn bad_backing_format_extension() {
+fn other_backing_formats_parse_but_are_refused_when_opened() {
     let mut b = valid(&CreateOptions {
         size: Some(1 << 20),
         ..CreateOptions::overlay("base.img", BackingFormat::Raw)
     });
     let pos = b.windows(3).position(|w| w == b"raw").unwrap();
-    b[pos..pos + 3].copy_from_slice(b"vmd");
-    assert_eq!(corruption(b), Corruption::BackingFormat("vmd".into()));
+    b[pos..pos + 3].copy_from_slice(b"vhd");
+    let h = boxlet_qcow2::Header::read(&MemStorage::new(b.clone())).unwrap();
+    assert_eq!(h.backing_format, None);
+    assert_eq!(h.backing_format_name.as_deref(), Some("vhd"));
+    let dir = tempfile::TempDir::new().unwrap();
+    let p = dir.path().join("ov.qcow2");
+    std::fs::write(&p, b).unwrap();
+    std::fs::write(dir.path().join("base.img"), [0u8; 512]).unwrap();
+    let e = Qcow2::open(&p).unwrap_err();
+    assert_eq!(
+        e.unsupported(),
+        Some(&Unsupported::BackingFormat("vhd".into())),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_l1_with_a_garbage_offset_opens_for_writing() {
+    let mut b = valid(&CreateOptions::standalone(0));
+    put64(&mut b, 40, u64::MAX);
+    let img = open(b, true).unwrap();
+    assert_eq!(img.virtual_size(), 0);
+}
+
+#[test]
+fn writing_needs_the_backing_device_the_header_names() {
+    let b = valid(&CreateOptions {
+        size: Some(1 << 20),
+        ..CreateOptions::overlay("base.raw", BackingFormat::Raw)
+    });
+    let e = open(b.clone(), true).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::InvalidInput(_)), "{e}");
+    open(b, false).unwrap();
+}
+
+/// Entries that point a write or a release at metadata are refused, and the metadata
+/// stays intact.
+#[test]
+fn lying_entries_cannot_overwrite_or_free_metadata() {
+    let opts = CreateOptions {
+        cluster_bits: 12,
+        ..CreateOptions::standalone(1 << 20)
+    };
+    // Give the image one L2 table and one data cluster, then point guest cluster 1 at
+    // the refcount table, its block, the L2 table itself and the L1 table.
+    let store = crate::util::SharedMem::new(valid(&opts));
+    let wopts = || StorageOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let mut img = Qcow2::from_storage(Box::new(store.clone()), wopts(), None).unwrap();
+    img.write_at(&[1u8; 4096], 0).unwrap();
+    drop(img);
+    let good = store.bytes();
+    let l1 = u64::from_be_bytes(good[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(good[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let rt = u64::from_be_bytes(good[48..56].try_into().unwrap()) as usize;
+    let rb = u64::from_be_bytes(good[rt..rt + 8].try_into().unwrap());
+    for target in [rt as u64, rb, l2 as u64, l1 as u64] {
+        for flags in [1u64 << 63, 0] {
+            let mut b = good.clone();
+            put64(&mut b, l2 + 8, target | flags);
+            for discard in [false, true] {
+                let store = crate::util::SharedMem::new(b.clone());
+                let mut img = Qcow2::from_storage(Box::new(store.clone()), wopts(), None).unwrap();
+                // COPIED: an in-place write; not COPIED: copy-on-write, then release of the
+                // target. A whole-cluster discard would release it too.
+                let e = if discard {
+                    img.discard(4096, 4096).unwrap_err()
+                } else {
+                    img.write_at(&[9u8; 100], 4096).unwrap_err()
+                };
+                assert!(e.corruption().is_some(), "target {target:#x}: {e}");
+                drop(img);
+                // What was stored is intact: the data, and every table (only the planted
+                // lie is reported, plus at most leaks).
+                let mut img = open(store.bytes(), false).unwrap();
+                let mut buf = [0u8; 4096];
+                img.read_at(&mut buf, 0).unwrap();
+                assert_eq!(buf, [1u8; 4096], "target {target:#x}");
+                let report = img.check().unwrap();
+                assert!(
+                    report.corruption_count <= 1,
+                    "target {target:#x}: {report:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
