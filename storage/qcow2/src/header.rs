@@ -339,6 +339,13 @@ impl Header {
                     self.backing_format = BackingFormat::from_name(&name);
                     self.backing_format_name = Some(name);
                 }
+                EXT_CRYPTO if self.crypt_method != 2 => {
+                    // QEMU accepts this extension only on LUKS images.
+                    return Err(Corruption::Other(
+                        "full disk encryption header extension without LUKS encryption".into(),
+                    )
+                    .into());
+                }
                 EXT_FEATURE_NAMES => {
                     for entry in data.chunks_exact(48) {
                         let raw = &entry[2..];

@@ -450,3 +450,12 @@ fn lying_tables_give_errors_on_access_not_panics() {
         assert!(img.write_at(&buf, 0).unwrap_err().corruption().is_some());
     }
 }
+
+#[test]
+fn crypto_header_extension_without_luks() {
+    let mut b = v3();
+    // Replace the first extension (the feature name table) by a crypto header pointer.
+    put32(&mut b, 112, 0x0537_be77);
+    put32(&mut b, 116, 16);
+    assert!(matches!(corruption(b), Corruption::Other(m) if m.contains("LUKS")));
+}
