@@ -7,6 +7,8 @@ set -euo pipefail
 need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v mke2fs >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+command -v debugfs >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2

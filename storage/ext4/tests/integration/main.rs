@@ -1,0 +1,5 @@
+//! Integration tests of the ext4 reader: differential against e2fsprogs, malformed
+//! images, and the fuzz corpus.
+
+mod differential;
+mod tree;
