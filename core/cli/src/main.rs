@@ -1,5 +1,6 @@
 //! `boxlet`: run untrusted code in microVMs, and inspect the disk formats behind them.
 
+mod ext4;
 mod qcow2;
 mod size;
 
@@ -20,12 +21,16 @@ enum Command {
     /// qcow2 images: inspect, create, export, write, check.
     #[command(subcommand)]
     Qcow2(qcow2::Qcow2Command),
+    /// ext4 images: inspect, list, read files.
+    #[command(subcommand)]
+    Ext4(ext4::Ext4Command),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Qcow2(cmd) => qcow2::run(cmd),
+        Command::Ext4(cmd) => ext4::run(cmd),
     };
     match res {
         Ok(code) => code,

@@ -194,3 +194,89 @@ fn bad_input_gives_one_line_naming_the_file() {
         "incompatible feature bit 0 (dirty)",
     );
 }
+
+fn mke2fs_image(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/hostname"), "boxlet\n").unwrap();
+    std::fs::write(src.join("big.bin"), vec![7u8; 200_000]).unwrap();
+    std::os::unix::fs::symlink("hostname", src.join("etc/link")).unwrap();
+    let img = dir.join("fs.img");
+    let out = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+#[test]
+fn ext4_ls_cat_tree_info() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let img = mke2fs_image(dir.path());
+    let img = img.to_str().unwrap();
+    let ls = ok(&["ext4", "ls", img, "/etc"]);
+    assert!(ls.contains("-rw-r--r--"), "{ls}");
+    assert!(
+        ls.contains("hostname") && ls.contains("link -> hostname"),
+        "{ls}"
+    );
+    let out = boxlet(&["ext4", "cat", img, "/etc/link"]);
+    assert_eq!(out.stdout, b"boxlet\n");
+    let out = boxlet(&["ext4", "cat", img, "/big.bin"]);
+    assert_eq!(out.stdout, vec![7u8; 200_000]);
+
+    let tree: serde_json::Value =
+        serde_json::from_str(&ok(&["ext4", "tree", img, "--json"])).unwrap();
+    let entries = tree.as_array().unwrap();
+    let link = entries.iter().find(|e| e["path"] == "/etc/link").unwrap();
+    assert_eq!(link["file_type"], "symlink");
+    assert_eq!(link["link_target"], "hostname");
+    let host = entries
+        .iter()
+        .find(|e| e["path"] == "/etc/hostname")
+        .unwrap();
+    assert_eq!(host["size"], 7);
+    assert_eq!(host["mode"], 0o644);
+    assert_eq!(host["uid"], 0);
+    assert_eq!(host["links"], 1);
+    assert!(host["xattrs"].as_array().unwrap().is_empty());
+
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["ext4", "info", img, "--json"])).unwrap();
+    assert!(info["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "metadata_csum"));
+}
+
+#[test]
+fn ext4_errors_name_image_and_path() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let img = mke2fs_image(dir.path());
+    fails_naming(
+        &["ext4", "cat", img.to_str().unwrap(), "/etc/nope"],
+        &img,
+        "/etc/nope: no such file or directory",
+    );
+    fails_naming(
+        &["ext4", "cat", img.to_str().unwrap(), "/etc"],
+        &img,
+        "not a regular file",
+    );
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "text ".repeat(500)).unwrap();
+    fails_naming(
+        &["ext4", "ls", notes.to_str().unwrap()],
+        &notes,
+        "bad superblock magic",
+    );
+}
