@@ -26,6 +26,7 @@ bench: setup
 # Seed corpora for the fuzz targets, generated with qemu-img and boxlet.
 corpus: setup
 	bash fixtures/qcow2/make-corpus.sh fuzz/corpus
+	bash fixtures/ext4/make-corpus.sh fuzz/corpus
 
 fuzz-smoke: corpus
 	bash scripts/setup.sh fuzz

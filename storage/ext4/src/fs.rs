@@ -98,16 +98,21 @@ impl Ext4 {
         Ok(buf)
     }
 
-    /// Inode `ino`.
-    pub fn inode(&self, ino: u32) -> Result<Inode> {
+    /// Byte offset of inode `ino` in the image.
+    pub fn inode_offset(&self, ino: u32) -> Result<u64> {
         if ino == 0 || ino > self.sb.inodes_count {
             return Err(Corruption::InodeNumber(u64::from(ino)).into());
         }
         let ipg = self.sb.inodes_per_group;
         let group = &self.groups[((ino - 1) / ipg) as usize];
         let index = u64::from((ino - 1) % ipg);
+        Ok(group.inode_table * self.sb.block_size() + index * u64::from(self.sb.inode_size))
+    }
+
+    /// Inode `ino`.
+    pub fn inode(&self, ino: u32) -> Result<Inode> {
+        let off = self.inode_offset(ino)?;
         let size = u64::from(self.sb.inode_size);
-        let off = group.inode_table * self.sb.block_size() + index * size;
         let mut raw = vec![0u8; size as usize];
         self.read_bytes("inode", off, &mut raw)?;
         Inode::parse(&self.sb, ino, &raw)

@@ -15,6 +15,7 @@ mod dir;
 mod error;
 mod extent;
 mod fs;
+pub mod fuzz;
 mod group;
 mod inode;
 mod metadata;

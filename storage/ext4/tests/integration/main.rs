@@ -2,4 +2,6 @@
 //! images, and the fuzz corpus.
 
 mod differential;
+mod fuzz_corpus;
+mod malformed;
 mod tree;
