@@ -24,6 +24,16 @@ pub enum Ext4Command {
     },
     /// Write a file's contents to standard output.
     Cat { image: PathBuf, path: String },
+    /// Build an image from a host directory (OCI layers: not yet).
+    Build {
+        out: PathBuf,
+        /// The directory to copy into the image.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Image size (default: the content plus 25%).
+        #[arg(long, value_parser = crate::size::parse_size)]
+        size: Option<u64>,
+    },
     /// Every entry of the image with its metadata.
     Tree {
         image: PathBuf,
@@ -39,6 +49,7 @@ pub fn run(cmd: Ext4Command) -> Result<ExitCode> {
         Ext4Command::Ls { image, path } => ls(&image, &path),
         Ext4Command::Cat { image, path } => cat(&image, &path),
         Ext4Command::Tree { image, json } => tree(&image, json),
+        Ext4Command::Build { out, dir, size } => build(&out, &dir, size),
     }
 }
 
@@ -186,5 +197,23 @@ fn tree(image: &Path, json: bool) -> Result<ExitCode> {
             writeln!(out, "{line}")?;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build(out: &Path, dir: &Path, size: Option<u64>) -> Result<ExitCode> {
+    let tree = boxlet_ext4::Tree::from_dir(dir).with_context(|| dir.display().to_string())?;
+    let opts = boxlet_ext4::BuildOptions {
+        size,
+        ..Default::default()
+    };
+    let r =
+        boxlet_ext4::build_file(&tree, out, &opts).with_context(|| out.display().to_string())?;
+    eprintln!(
+        "{}: {} bytes, {} inodes, {} blocks used",
+        out.display(),
+        r.size,
+        r.inodes_used,
+        r.blocks_used
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -19,9 +19,12 @@ pub mod fuzz;
 mod group;
 mod inode;
 mod metadata;
+mod mkfs;
 mod source;
 pub mod superblock;
+mod tree;
 mod xattr;
+mod xattr_write;
 
 pub use dir::DirEntry;
 pub use error::{Corruption, Error, ErrorKind, Result};
@@ -29,8 +32,10 @@ pub use extent::Extent;
 pub use fs::{Ext4, FileReader, MAX_READ};
 pub use inode::{FileType, Inode, Timestamp, ROOT_INO};
 pub use metadata::Metadata;
+pub use mkfs::{build, build_file, BuildOptions, BuildReport};
 pub use source::ReadAt;
 pub use superblock::Superblock;
+pub use tree::{FileData, Node, NodeId, NodeKind, NodeMeta, Tree};
 pub use xattr::Xattr;
 
 /// Every extended attribute of an inode (names with their namespace prefix).

@@ -1,6 +1,7 @@
 //! Integration tests of the ext4 reader: differential against e2fsprogs, malformed
 //! images, and the fuzz corpus.
 
+mod builder;
 mod differential;
 mod fuzz_corpus;
 mod malformed;

@@ -1,0 +1,150 @@
+//! The builder: images of host trees pass `e2fsck -fn` and read back identical.
+
+use std::path::Path;
+use std::process::Command;
+
+use boxlet_ext4::{build_file, BuildOptions, Ext4, Tree};
+use tempfile::TempDir;
+
+use crate::tree::{assert_same, host_tree, image_tree, populate};
+
+/// `e2fsck -fn` finds nothing to fix.
+pub fn e2fsck_clean(img: &Path) {
+    let out = Command::new("e2fsck")
+        .args(["-fn", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {}: {}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn opts() -> BuildOptions {
+    BuildOptions {
+        uuid: Some(*b"boxlet-test-uuid"),
+        ..BuildOptions::default()
+    }
+}
+
+#[test]
+fn built_images_pass_e2fsck_and_read_back_identical() {
+    let dir = TempDir::new().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    populate(&src, 3000);
+    let tree = Tree::from_dir(&src).unwrap();
+    let img = dir.path().join("built.img");
+    let report = build_file(&tree, &img, &opts()).unwrap();
+    assert_eq!(report.size, std::fs::metadata(&img).unwrap().len());
+    e2fsck_clean(&img);
+    let fs = Ext4::open(&img).unwrap();
+    assert_same("builder", &host_tree(&src), &image_tree(&fs));
+}
+
+#[test]
+fn an_empty_tree_and_a_given_size() {
+    let dir = TempDir::new().unwrap();
+    let img = dir.path().join("empty.img");
+    build_file(&Tree::default(), &img, &opts()).unwrap();
+    e2fsck_clean(&img);
+    let img2 = dir.path().join("sized.img");
+    let r = build_file(
+        &Tree::default(),
+        &img2,
+        &BuildOptions {
+            size: Some(300 << 20),
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert!(r.size >= 300 << 20, "{}", r.size);
+    e2fsck_clean(&img2);
+    let e = build_file(
+        &Tree::from_dir(Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap(),
+        &dir.path().join("small.img"),
+        &BuildOptions {
+            size: Some(64 << 10),
+            ..opts()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("more than"), "{e}");
+    assert!(
+        !dir.path().join("small.img").exists(),
+        "no partial image left"
+    );
+}
+
+#[test]
+fn fragmented_files_get_an_extent_tree_and_holes_stay_holes() {
+    let dir = TempDir::new().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    // 3000 data blocks separated by holes: 3000 extents, 9 leaf blocks would be too many
+    // for one level, so keep it at 1200 (4 leaves).
+    let mut data = vec![0u8; 2400 * 4096];
+    for b in (0..2400).step_by(2) {
+        data[b * 4096..b * 4096 + 10].copy_from_slice(b"0123456789");
+    }
+    std::fs::write(src.join("frag"), &data).unwrap();
+    let tree = Tree::from_dir(&src).unwrap();
+    let img = dir.path().join("frag.img");
+    build_file(&tree, &img, &opts()).unwrap();
+    e2fsck_clean(&img);
+    let fs = Ext4::open(&img).unwrap();
+    let inode = fs.resolve("/frag", false).unwrap();
+    assert_eq!(fs.extents(&inode).unwrap().len(), 1200);
+    assert_eq!(
+        inode.blocks,
+        (1200 + 4) * 8,
+        "data blocks and 4 leaf blocks, no hole blocks"
+    );
+    assert_eq!(fs.read("/frag").unwrap(), data);
+}
+
+#[test]
+fn the_kernel_mounts_a_built_image_and_sees_the_tree() {
+    assert!(
+        crate::tree::unsafe_free_is_root(),
+        "this test loop-mounts an image: run it as root"
+    );
+    let dir = TempDir::new().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    populate(&src, 500);
+    let img = dir.path().join("built.img");
+    build_file(&Tree::from_dir(&src).unwrap(), &img, &opts()).unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount")
+        .args([
+            "-o",
+            "loop,ro",
+            img.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount");
+    let mut seen = host_tree(&mnt);
+    let st = Command::new("umount").arg(&mnt).status().unwrap();
+    assert!(st.success(), "umount");
+    seen.retain(|k, _| k != "/lost+found");
+    let mut want = host_tree(&src);
+    // The mount point's own times are not the source root's.
+    let root = want.get_mut("/").unwrap();
+    *root = seen["/"].clone();
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &want {
+        if k != "/" {
+            assert!(seen[k] == *v, "{k} differs through the kernel");
+        }
+    }
+}
