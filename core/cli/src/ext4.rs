@@ -33,6 +33,9 @@ pub enum Ext4Command {
         /// Image size (default: the content plus 25%).
         #[arg(long, value_parser = crate::size::parse_size)]
         size: Option<u64>,
+        /// Leave out the journal.
+        #[arg(long)]
+        no_journal: bool,
     },
     /// Every entry of the image with its metadata.
     Tree {
@@ -49,7 +52,12 @@ pub fn run(cmd: Ext4Command) -> Result<ExitCode> {
         Ext4Command::Ls { image, path } => ls(&image, &path),
         Ext4Command::Cat { image, path } => cat(&image, &path),
         Ext4Command::Tree { image, json } => tree(&image, json),
-        Ext4Command::Build { out, dir, size } => build(&out, &dir, size),
+        Ext4Command::Build {
+            out,
+            dir,
+            size,
+            no_journal,
+        } => build(&out, &dir, size, !no_journal),
     }
 }
 

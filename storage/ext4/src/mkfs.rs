@@ -6,9 +6,9 @@
 //! left as holes; everything else (inodes, directories, bitmaps, descriptors,
 //! superblocks) is built in memory, bounded by the number of inodes, and written last.
 //!
-//! Features: extents, 64bit, filetype, ext_attr, dir_index, sparse_super, large_file,
-//! huge_file, dir_nlink, extra_isize, metadata_csum. Not yet: a journal, htree indexes
-//! for large directories (they are written linear, which ext4 reads fine).
+//! Features: has_journal (by default), extents, 64bit, filetype, ext_attr, dir_index,
+//! sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum. Not yet:
+//! htree indexes for large directories (they are written linear, which ext4 reads fine).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -42,6 +42,8 @@ pub struct BuildOptions {
     pub uuid: Option<[u8; 16]>,
     /// Volume label (at most 16 bytes).
     pub label: String,
+    /// Write a journal (boxes write to their overlays and may crash).
+    pub journal: bool,
 }
 
 impl Default for BuildOptions {
@@ -51,8 +53,40 @@ impl Default for BuildOptions {
             headroom_percent: 25,
             uuid: None,
             label: String::new(),
+            journal: true,
         }
     }
+}
+
+const JOURNAL_INO: u32 = 8;
+
+/// Journal blocks for a filesystem of `blocks` blocks (e2fsprogs' default sizes).
+fn journal_blocks(blocks: u64) -> u64 {
+    match blocks {
+        0..=32767 => 1024,
+        32768..=262_143 => 4096,
+        262_144..=524_287 => 8192,
+        _ => 16384,
+    }
+}
+
+/// The jbd2 superblock (big-endian) of an empty journal of `len` blocks.
+fn journal_superblock(len: u64, uuid: &[u8; 16]) -> Vec<u8> {
+    let mut b = vec![0u8; BS as usize];
+    let put = |b: &mut [u8], o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_be_bytes());
+    put(&mut b, 0x0, 0xc03b_3998); // magic
+    put(&mut b, 0x4, 4); // superblock v2
+    put(&mut b, 0xc, BS as u32);
+    put(&mut b, 0x10, len as u32);
+    put(&mut b, 0x14, 1); // first log block
+    put(&mut b, 0x18, 1); // first expected sequence
+    put(&mut b, 0x28, 0x2 | 0x10); // 64bit, csum v3
+    b[0x30..0x40].copy_from_slice(uuid);
+    put(&mut b, 0x40, 1); // users
+    b[0x50] = 4; // crc32c
+    let crc = crc32c_raw(!0, &b[..1024]);
+    put(&mut b, 0xfc, crc);
+    b
 }
 
 /// What a build produced.
@@ -508,6 +542,10 @@ pub fn build(tree: &Tree, file: &File, opts: &BuildOptions) -> Result<BuildRepor
             data_blocks += 1;
         }
     }
+    if opts.journal {
+        // Sized for the data alone; the geometry loop below does not resize it.
+        data_blocks += journal_blocks(data_blocks) + 1;
+    }
     let inodes_used = u64::from(next - 1);
     let inodes = (inodes_used * (100 + opts.headroom_percent) / 100).max(inodes_used + 16);
     let want = data_blocks * (100 + opts.headroom_percent) / 100 + 16;
@@ -552,6 +590,36 @@ pub fn build(tree: &Tree, file: &File, opts: &BuildOptions) -> Result<BuildRepor
     };
     let mut recs: Vec<(u32, InodeRec)> = Vec::with_capacity(n + 1);
     let mut dirs_per_group = vec![0u64; geo.groups as usize];
+
+    if opts.journal {
+        let len = journal_blocks(data_blocks);
+        let mut ext = Extents::default();
+        for k in 0..len {
+            ext.push(k, alloc.one()?);
+        }
+        w.put(ext.list[0].1, &journal_superblock(len, &uuid))?;
+        let iseed = inode_seed(seed, JOURNAL_INO);
+        let (ib, leaves) = extent_root(&ext, iseed, &mut alloc, &mut w)?;
+        recs.push((
+            JOURNAL_INO,
+            InodeRec {
+                mode: S_IFREG | 0o600,
+                uid: 0,
+                gid: 0,
+                size: len * BS,
+                links: 1,
+                blocks_512: (len + leaves) * (BS / 512),
+                flags: FLAG_EXTENTS,
+                iblock: ib,
+                file_acl: 0,
+                meta: NodeMeta {
+                    mode: 0o600,
+                    ..tree.nodes[0].meta.clone()
+                },
+                xattr_area: None,
+            },
+        ));
+    }
 
     let mut chunk = vec![0u8; 1 << 20];
     for &id in &order {
@@ -933,7 +1001,19 @@ fn write_metadata(
         put32(&mut sb, 0x54, u64::from(FIRST_INO));
         put16(&mut sb, 0x58, INODE_SIZE);
         put16(&mut sb, 0x5a, g);
-        put32(&mut sb, 0x5c, 0x8 | 0x20); // ext_attr, dir_index
+        let journal = recs.iter().find(|(i, _)| *i == JOURNAL_INO);
+        put32(
+            &mut sb,
+            0x5c,
+            0x8 | 0x20 | if journal.is_some() { 0x4 } else { 0 },
+        ); // ext_attr, dir_index, has_journal
+        if let Some((_, j)) = journal {
+            put32(&mut sb, 0xe0, u64::from(JOURNAL_INO));
+            sb[0xfd] = 1; // s_jnl_blocks holds a copy of the journal inode's i_block
+            sb[0x10c..0x10c + 60].copy_from_slice(&j.iblock);
+            put32(&mut sb, 0x10c + 60, j.size >> 32);
+            put32(&mut sb, 0x10c + 64, j.size);
+        }
         put32(&mut sb, 0x60, 0x2 | 0x40 | 0x80); // filetype, extents, 64bit
         put32(&mut sb, 0x64, 0x1 | 0x2 | 0x8 | 0x20 | 0x40 | 0x400);
         sb[0x68..0x78].copy_from_slice(uuid);

@@ -148,3 +148,54 @@ fn the_kernel_mounts_a_built_image_and_sees_the_tree() {
         }
     }
 }
+
+#[test]
+fn the_journal_is_usable_and_optional() {
+    assert!(
+        crate::tree::unsafe_free_is_root(),
+        "this test loop-mounts an image: run it as root"
+    );
+    let dir = TempDir::new().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a"), b"before").unwrap();
+    let img = dir.path().join("j.img");
+    build_file(&Tree::from_dir(&src).unwrap(), &img, &opts()).unwrap();
+    let fs = Ext4::open(&img).unwrap();
+    assert!(fs.superblock().feature_names().contains(&"has_journal"));
+    drop(fs);
+    // Mounted read-write, the kernel journals a change; the result is clean.
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount")
+        .args(["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount rw");
+    let wrote = std::fs::write(mnt.join("b"), b"after")
+        .and_then(|()| std::fs::write(mnt.join("a"), b"changed"));
+    let st = Command::new("umount").arg(&mnt).status().unwrap();
+    wrote.unwrap();
+    assert!(st.success(), "umount");
+    e2fsck_clean(&img);
+    let fs = Ext4::open(&img).unwrap();
+    assert_eq!(fs.read("/a").unwrap(), b"changed");
+    assert_eq!(fs.read("/b").unwrap(), b"after");
+
+    let img = dir.path().join("nj.img");
+    build_file(
+        &Tree::from_dir(&src).unwrap(),
+        &img,
+        &BuildOptions {
+            journal: false,
+            ..opts()
+        },
+    )
+    .unwrap();
+    e2fsck_clean(&img);
+    assert!(!Ext4::open(&img)
+        .unwrap()
+        .superblock()
+        .feature_names()
+        .contains(&"has_journal"));
+}
