@@ -208,10 +208,11 @@ fn tree(image: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn build(out: &Path, dir: &Path, size: Option<u64>) -> Result<ExitCode> {
+fn build(out: &Path, dir: &Path, size: Option<u64>, journal: bool) -> Result<ExitCode> {
     let tree = boxlet_ext4::Tree::from_dir(dir).with_context(|| dir.display().to_string())?;
     let opts = boxlet_ext4::BuildOptions {
         size,
+        journal,
         ..Default::default()
     };
     let r =
