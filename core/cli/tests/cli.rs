@@ -280,3 +280,57 @@ fn ext4_errors_name_image_and_path() {
         "bad superblock magic",
     );
 }
+
+#[test]
+fn ext4_build_from_a_directory() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/hostname"), "built\n").unwrap();
+    let img = dir.path().join("out.img");
+    ok(&[
+        "ext4",
+        "build",
+        img.to_str().unwrap(),
+        "--dir",
+        src.to_str().unwrap(),
+    ]);
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    assert_eq!(
+        boxlet(&["ext4", "cat", img.to_str().unwrap(), "/etc/hostname"]).stdout,
+        b"built\n"
+    );
+    // An existing output is never overwritten.
+    fails_naming(
+        &[
+            "ext4",
+            "build",
+            img.to_str().unwrap(),
+            "--dir",
+            src.to_str().unwrap(),
+        ],
+        &img,
+        "exists",
+    );
+    let missing = dir.path().join("nope");
+    fails_naming(
+        &[
+            "ext4",
+            "build",
+            dir.path().join("x.img").to_str().unwrap(),
+            "--dir",
+            missing.to_str().unwrap(),
+        ],
+        &missing,
+        "No such file",
+    );
+}
