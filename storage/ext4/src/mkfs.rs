@@ -15,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::csum::crc32c_raw;
+use crate::encode::{self, InodeRec};
 use crate::error::{ErrorKind, Result};
 use crate::tree::{FileData, NodeKind, NodeMeta, Tree};
 use crate::xattr_write;
@@ -27,9 +28,9 @@ const EXTRA_ISIZE: u16 = 32;
 const DESC_SIZE: u64 = 64;
 const FIRST_INO: u32 = 11;
 const LOST_FOUND_INO: u32 = 11;
+const MAX_EXTENT_LEN: u64 = 32768;
 /// Entries in one extent leaf block: (4096 - 12 header - 4 tail) / 12.
 const LEAF_ENTRIES: usize = 340;
-const MAX_EXTENT_LEN: u64 = 32768;
 
 /// How to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,20 +305,6 @@ impl Writer<'_> {
     }
 }
 
-struct InodeRec {
-    mode: u16,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    links: u16,
-    blocks_512: u64,
-    flags: u32,
-    iblock: [u8; 60],
-    file_acl: u64,
-    meta: NodeMeta,
-    xattr_area: Option<Vec<u8>>,
-}
-
 const S_IFDIR: u16 = 0x4000;
 const S_IFREG: u16 = 0x8000;
 const S_IFLNK: u16 = 0xa000;
@@ -362,43 +349,6 @@ fn dir_blocks(names: &[&[u8]]) -> u64 {
     blocks
 }
 
-/// Pack directory entries into blocks with checksum tails.
-fn dir_data(entries: &[(Vec<u8>, u32, u8)], seed: u32) -> Vec<Vec<u8>> {
-    let usable = (BS - 12) as usize;
-    let mut blocks: Vec<Vec<u8>> = Vec::new();
-    let mut cur = vec![0u8; BS as usize];
-    let mut off = 0usize;
-    let mut last = 0usize;
-    let finish = |cur: &mut Vec<u8>, last: usize| {
-        // The last entry spans to the tail.
-        let rec = (usable - last) as u16;
-        cur[last + 4..last + 6].copy_from_slice(&rec.to_le_bytes());
-        let tail = usable;
-        cur[tail + 4..tail + 6].copy_from_slice(&12u16.to_le_bytes());
-        cur[tail + 7] = 0xde;
-        let crc = crc32c_raw(seed, &cur[..usable]);
-        cur[tail + 8..tail + 12].copy_from_slice(&crc.to_le_bytes());
-    };
-    for (name, ino, ty) in entries {
-        let len = (8 + name.len() + 3) & !3;
-        if off + len > usable {
-            finish(&mut cur, last);
-            blocks.push(std::mem::replace(&mut cur, vec![0u8; BS as usize]));
-            off = 0;
-        }
-        cur[off..off + 4].copy_from_slice(&ino.to_le_bytes());
-        cur[off + 4..off + 6].copy_from_slice(&(len as u16).to_le_bytes());
-        cur[off + 6] = name.len() as u8;
-        cur[off + 7] = *ty;
-        cur[off + 8..off + 8 + name.len()].copy_from_slice(name);
-        last = off;
-        off += len;
-    }
-    finish(&mut cur, last);
-    blocks.push(cur);
-    blocks
-}
-
 fn inode_seed(fs_seed: u32, ino: u32) -> u32 {
     let crc = crc32c_raw(fs_seed, &ino.to_le_bytes());
     crc32c_raw(crc, &0u32.to_le_bytes())
@@ -411,51 +361,13 @@ fn extent_root(
     alloc: &mut Alloc,
     w: &mut Writer<'_>,
 ) -> Result<([u8; 60], u64)> {
-    let mut ib = [0u8; 60];
-    let header = |b: &mut [u8], entries: usize, max: u16, depth: u16| {
-        b[0..2].copy_from_slice(&0xf30au16.to_le_bytes());
-        b[2..4].copy_from_slice(&(entries as u16).to_le_bytes());
-        b[4..6].copy_from_slice(&max.to_le_bytes());
-        b[6..8].copy_from_slice(&depth.to_le_bytes());
-    };
-    let leaf = |b: &mut [u8], (l, p, n): (u64, u64, u64)| {
-        b[0..4].copy_from_slice(&(l as u32).to_le_bytes());
-        b[4..6].copy_from_slice(&(n as u16).to_le_bytes());
-        b[6..8].copy_from_slice(&((p >> 32) as u16).to_le_bytes());
-        b[8..12].copy_from_slice(&(p as u32).to_le_bytes());
-    };
-    if ext.list.len() <= 4 {
-        header(&mut ib, ext.list.len(), 4, 0);
-        for (i, e) in ext.list.iter().enumerate() {
-            leaf(&mut ib[12 + 12 * i..24 + 12 * i], *e);
-        }
-        return Ok((ib, 0));
-    }
-    let chunks: Vec<&[(u64, u64, u64)]> = ext.list.chunks(LEAF_ENTRIES).collect();
-    if chunks.len() > 4 {
-        return Err(invalid(format!(
-            "a file of {} extents (more than 1360) is not supported yet",
-            ext.list.len()
-        )));
-    }
-    header(&mut ib, chunks.len(), 4, 1);
-    for (i, chunk) in chunks.iter().enumerate() {
-        let nr = alloc.one()?;
-        let mut b = vec![0u8; BS as usize];
-        header(&mut b, chunk.len(), LEAF_ENTRIES as u16, 0);
-        for (j, e) in chunk.iter().enumerate() {
-            leaf(&mut b[12 + 12 * j..24 + 12 * j], *e);
-        }
-        let end = 12 + 12 * LEAF_ENTRIES;
-        let crc = crc32c_raw(seed, &b[..end]);
-        b[end..end + 4].copy_from_slice(&crc.to_le_bytes());
-        w.put(nr, &b)?;
-        let idx = &mut ib[12 + 12 * i..24 + 12 * i];
-        idx[0..4].copy_from_slice(&(chunk[0].0 as u32).to_le_bytes());
-        idx[4..8].copy_from_slice(&(nr as u32).to_le_bytes());
-        idx[8..10].copy_from_slice(&((nr >> 32) as u16).to_le_bytes());
-    }
-    Ok((ib, chunks.len() as u64))
+    encode::extent_root(
+        &ext.list,
+        Some(seed),
+        BS,
+        &mut || alloc.one(),
+        &mut |nr, b| w.put(nr, b),
+    )
 }
 
 /// Build an image of `tree` into a new file at `path`.
@@ -799,7 +711,10 @@ fn write_dir(
     w: &mut Writer<'_>,
 ) -> Result<Extents> {
     let mut ext = Extents::default();
-    for (k, b) in dir_data(entries, iseed).iter().enumerate() {
+    for (k, b) in encode::dir_data(entries, Some(iseed), BS as usize)
+        .iter()
+        .enumerate()
+    {
         let phys = alloc.one()?;
         w.put(phys, b)?;
         ext.push(k as u64, phys);
@@ -823,55 +738,6 @@ fn derive_uuid() -> [u8; 16] {
     u[6] = (u[6] & 0x0f) | 0x40; // version 4
     u[8] = (u[8] & 0x3f) | 0x80; // variant
     u
-}
-
-/// (low 32 bits, extra field) for a timestamp.
-fn encode_time((secs, nanos): (i64, u32)) -> (u32, u32) {
-    let lo = secs as u32;
-    let epoch = ((secs - i64::from(lo as i32)) >> 32) as u32 & 3;
-    (lo, (nanos.min(999_999_999) << 2) | epoch)
-}
-
-fn inode_bytes(ino: u32, r: &InodeRec, seed: u32) -> Vec<u8> {
-    let mut b = vec![0u8; INODE_SIZE as usize];
-    let put16 = |b: &mut [u8], o: usize, v: u16| b[o..o + 2].copy_from_slice(&v.to_le_bytes());
-    let put32 = |b: &mut [u8], o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_le_bytes());
-    put16(&mut b, 0x0, r.mode);
-    put16(&mut b, 0x2, r.uid as u16);
-    put32(&mut b, 0x4, r.size as u32);
-    let (at, atx) = encode_time(r.meta.atime);
-    let (ct, ctx) = encode_time(r.meta.ctime);
-    let (mt, mtx) = encode_time(r.meta.mtime);
-    put32(&mut b, 0x8, at);
-    put32(&mut b, 0xc, ct);
-    put32(&mut b, 0x10, mt);
-    put16(&mut b, 0x18, r.gid as u16);
-    put16(&mut b, 0x1a, r.links);
-    put32(&mut b, 0x1c, r.blocks_512 as u32);
-    put32(&mut b, 0x20, r.flags);
-    b[0x28..0x64].copy_from_slice(&r.iblock);
-    put32(&mut b, 0x68, r.file_acl as u32);
-    put32(&mut b, 0x6c, (r.size >> 32) as u32);
-    put16(&mut b, 0x74, (r.blocks_512 >> 32) as u16);
-    put16(&mut b, 0x76, (r.file_acl >> 32) as u16);
-    put16(&mut b, 0x78, (r.uid >> 16) as u16);
-    put16(&mut b, 0x7a, (r.gid >> 16) as u16);
-    put16(&mut b, 0x80, EXTRA_ISIZE);
-    put32(&mut b, 0x84, ctx);
-    put32(&mut b, 0x88, mtx);
-    put32(&mut b, 0x8c, atx);
-    put32(&mut b, 0x90, ct);
-    put32(&mut b, 0x94, ctx);
-    if let Some(area) = &r.xattr_area {
-        let at = 128 + usize::from(EXTRA_ISIZE);
-        b[at..at + area.len()].copy_from_slice(area);
-    }
-    let crc = crc32c_raw(seed, &ino.to_le_bytes());
-    let crc = crc32c_raw(crc, &0u32.to_le_bytes());
-    let crc = crc32c_raw(crc, &b);
-    put16(&mut b, 0x7c, crc as u16);
-    put16(&mut b, 0x82, (crc >> 16) as u16);
-    b
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -909,7 +775,7 @@ fn write_metadata(
         }
         for (ino, r) in &by_group[g as usize] {
             let idx = (u64::from(*ino) - first) as usize;
-            let bytes = inode_bytes(*ino, r, seed);
+            let bytes = encode::inode_bytes(*ino, r, Some(seed), INODE_SIZE as usize, EXTRA_ISIZE);
             table[idx * INODE_SIZE as usize..(idx + 1) * INODE_SIZE as usize]
                 .copy_from_slice(&bytes);
             if ibitmap[idx / 8] & (1 << (idx % 8)) == 0 {

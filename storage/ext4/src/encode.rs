@@ -1,0 +1,203 @@
+//! Encoders shared by the builder and by file injection: inodes, extent trees and
+//! directory blocks, with their metadata_csum checksums.
+
+use crate::csum::crc32c_raw;
+use crate::error::{ErrorKind, Result};
+use crate::tree::NodeMeta;
+
+/// Everything an inode is written from.
+#[derive(Debug, Clone)]
+pub(crate) struct InodeRec {
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub links: u16,
+    pub blocks_512: u64,
+    pub flags: u32,
+    pub iblock: [u8; 60],
+    pub file_acl: u64,
+    pub meta: NodeMeta,
+    pub xattr_area: Option<Vec<u8>>,
+}
+
+/// (low 32 bits, extra field) for a timestamp.
+pub(crate) fn encode_time((secs, nanos): (i64, u32)) -> (u32, u32) {
+    let lo = secs as u32;
+    let epoch = ((secs - i64::from(lo as i32)) >> 32) as u32 & 3;
+    (lo, (nanos.min(999_999_999) << 2) | epoch)
+}
+
+/// The `inode_size` bytes of inode `ino` (generation 0), checksummed when `seed` is given
+/// (metadata_csum).
+pub(crate) fn inode_bytes(
+    ino: u32,
+    r: &InodeRec,
+    seed: Option<u32>,
+    inode_size: usize,
+    extra_isize: u16,
+) -> Vec<u8> {
+    let mut b = vec![0u8; inode_size];
+    let put16 = |b: &mut [u8], o: usize, v: u16| b[o..o + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 = |b: &mut [u8], o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    put16(&mut b, 0x0, r.mode);
+    put16(&mut b, 0x2, r.uid as u16);
+    put32(&mut b, 0x4, r.size as u32);
+    let (at, atx) = encode_time(r.meta.atime);
+    let (ct, ctx) = encode_time(r.meta.ctime);
+    let (mt, mtx) = encode_time(r.meta.mtime);
+    put32(&mut b, 0x8, at);
+    put32(&mut b, 0xc, ct);
+    put32(&mut b, 0x10, mt);
+    put16(&mut b, 0x18, r.gid as u16);
+    put16(&mut b, 0x1a, r.links);
+    put32(&mut b, 0x1c, r.blocks_512 as u32);
+    put32(&mut b, 0x20, r.flags);
+    b[0x28..0x64].copy_from_slice(&r.iblock);
+    put32(&mut b, 0x68, r.file_acl as u32);
+    put32(&mut b, 0x6c, (r.size >> 32) as u32);
+    put16(&mut b, 0x74, (r.blocks_512 >> 32) as u16);
+    put16(&mut b, 0x76, (r.file_acl >> 32) as u16);
+    put16(&mut b, 0x78, (r.uid >> 16) as u16);
+    put16(&mut b, 0x7a, (r.gid >> 16) as u16);
+    let extra = inode_size > 128 && extra_isize >= 24;
+    if inode_size > 128 {
+        put16(&mut b, 0x80, extra_isize);
+    }
+    if extra {
+        put32(&mut b, 0x84, ctx);
+        put32(&mut b, 0x88, mtx);
+        put32(&mut b, 0x8c, atx);
+        put32(&mut b, 0x90, ct);
+        put32(&mut b, 0x94, ctx);
+    }
+    if let Some(area) = &r.xattr_area {
+        let at = 128 + usize::from(extra_isize);
+        b[at..at + area.len()].copy_from_slice(area);
+    }
+    if let Some(seed) = seed {
+        let crc = crc32c_raw(seed, &ino.to_le_bytes());
+        let crc = crc32c_raw(crc, &0u32.to_le_bytes());
+        let crc = crc32c_raw(crc, &b);
+        put16(&mut b, 0x7c, crc as u16);
+        if inode_size > 128 && extra_isize >= 4 {
+            put16(&mut b, 0x82, (crc >> 16) as u16);
+        }
+    }
+    b
+}
+
+fn extent_header(b: &mut [u8], entries: usize, max: u16, depth: u16) {
+    b[0..2].copy_from_slice(&0xf30au16.to_le_bytes());
+    b[2..4].copy_from_slice(&(entries as u16).to_le_bytes());
+    b[4..6].copy_from_slice(&max.to_le_bytes());
+    b[6..8].copy_from_slice(&depth.to_le_bytes());
+}
+
+fn extent_leaf(b: &mut [u8], (l, p, n): (u64, u64, u64)) {
+    b[0..4].copy_from_slice(&(l as u32).to_le_bytes());
+    b[4..6].copy_from_slice(&(n as u16).to_le_bytes());
+    b[6..8].copy_from_slice(&((p >> 32) as u16).to_le_bytes());
+    b[8..12].copy_from_slice(&(p as u32).to_le_bytes());
+}
+
+/// The extent root for i_block from `(logical, physical, len)` extents, with leaf blocks
+/// (taken from `alloc`, written through `write`) when more than 4 are needed. Returns
+/// i_block and the number of leaf blocks.
+pub(crate) fn extent_root(
+    list: &[(u64, u64, u64)],
+    seed: Option<u32>,
+    bs: u64,
+    alloc: &mut dyn FnMut() -> Result<u64>,
+    write: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<([u8; 60], u64)> {
+    let mut ib = [0u8; 60];
+    if list.len() <= 4 {
+        extent_header(&mut ib, list.len(), 4, 0);
+        for (i, e) in list.iter().enumerate() {
+            extent_leaf(&mut ib[12 + 12 * i..24 + 12 * i], *e);
+        }
+        return Ok((ib, 0));
+    }
+    let per_leaf = (bs as usize - 12 - 4) / 12;
+    let chunks: Vec<&[(u64, u64, u64)]> = list.chunks(per_leaf).collect();
+    if chunks.len() > 4 {
+        return Err(ErrorKind::Unsupported(format!(
+            "a file of {} extents (more than {}) needs a deeper extent tree",
+            list.len(),
+            4 * per_leaf
+        ))
+        .into());
+    }
+    extent_header(&mut ib, chunks.len(), 4, 1);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let nr = alloc()?;
+        let mut b = vec![0u8; bs as usize];
+        extent_header(&mut b, chunk.len(), per_leaf as u16, 0);
+        for (j, e) in chunk.iter().enumerate() {
+            extent_leaf(&mut b[12 + 12 * j..24 + 12 * j], *e);
+        }
+        let end = 12 + 12 * per_leaf;
+        if let Some(seed) = seed {
+            let crc = crc32c_raw(seed, &b[..end]);
+            b[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+        write(nr, &b)?;
+        let idx = &mut ib[12 + 12 * i..24 + 12 * i];
+        idx[0..4].copy_from_slice(&(chunk[0].0 as u32).to_le_bytes());
+        idx[4..8].copy_from_slice(&(nr as u32).to_le_bytes());
+        idx[8..10].copy_from_slice(&((nr >> 32) as u16).to_le_bytes());
+    }
+    Ok((ib, chunks.len() as u64))
+}
+
+/// Put a directory block's checksum tail (metadata_csum) in its last 12 bytes.
+pub(crate) fn dir_tail(block: &mut [u8], seed: u32) {
+    let tail = block.len() - 12;
+    block[tail..tail + 4].fill(0);
+    block[tail + 4..tail + 6].copy_from_slice(&12u16.to_le_bytes());
+    block[tail + 6] = 0;
+    block[tail + 7] = 0xde;
+    let crc = crc32c_raw(seed, &block[..tail]);
+    block[tail + 8..tail + 12].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Pack `(name, inode, file type)` entries into directory blocks of `bs` bytes, with
+/// checksum tails when `seed` is given.
+pub(crate) fn dir_data(
+    entries: &[(Vec<u8>, u32, u8)],
+    seed: Option<u32>,
+    bs: usize,
+) -> Vec<Vec<u8>> {
+    let usable = if seed.is_some() { bs - 12 } else { bs };
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    let mut cur = vec![0u8; bs];
+    let mut off = 0usize;
+    let mut last = 0usize;
+    let finish = |cur: &mut Vec<u8>, last: usize| {
+        // The last entry spans to the tail (or the end of the block).
+        let rec = (usable - last) as u16;
+        cur[last + 4..last + 6].copy_from_slice(&rec.to_le_bytes());
+        if let Some(seed) = seed {
+            dir_tail(cur, seed);
+        }
+    };
+    for (name, ino, ty) in entries {
+        let len = (8 + name.len() + 3) & !3;
+        if off + len > usable {
+            finish(&mut cur, last);
+            blocks.push(std::mem::replace(&mut cur, vec![0u8; bs]));
+            off = 0;
+        }
+        cur[off..off + 4].copy_from_slice(&ino.to_le_bytes());
+        cur[off + 4..off + 6].copy_from_slice(&(len as u16).to_le_bytes());
+        cur[off + 6] = name.len() as u8;
+        cur[off + 7] = *ty;
+        cur[off + 8..off + 8 + name.len()].copy_from_slice(name);
+        last = off;
+        off += len;
+    }
+    finish(&mut cur, last);
+    blocks.push(cur);
+    blocks
+}
