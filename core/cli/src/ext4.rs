@@ -37,6 +37,21 @@ pub enum Ext4Command {
         #[arg(long)]
         no_journal: bool,
     },
+    /// Add or replace one host file at PATH inside the image (parents created).
+    Inject {
+        image: PathBuf,
+        host_file: PathBuf,
+        path: String,
+        /// Permission bits, octal.
+        #[arg(long, default_value = "755", value_parser = parse_mode)]
+        mode: u16,
+        /// Owner.
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
+        /// Group.
+        #[arg(long, default_value_t = 0)]
+        gid: u32,
+    },
     /// Every entry of the image with its metadata.
     Tree {
         image: PathBuf,
@@ -52,6 +67,24 @@ pub fn run(cmd: Ext4Command) -> Result<ExitCode> {
         Ext4Command::Ls { image, path } => ls(&image, &path),
         Ext4Command::Cat { image, path } => cat(&image, &path),
         Ext4Command::Tree { image, json } => tree(&image, json),
+        Ext4Command::Inject {
+            image,
+            host_file,
+            path,
+            mode,
+            uid,
+            gid,
+        } => {
+            let opts = boxlet_ext4::InjectOptions {
+                mode,
+                uid,
+                gid,
+                ..Default::default()
+            };
+            boxlet_ext4::inject(&image, &host_file, &path, &opts)
+                .with_context(|| image.display().to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Ext4Command::Build {
             out,
             dir,
@@ -225,4 +258,11 @@ fn build(out: &Path, dir: &Path, size: Option<u64>, journal: bool) -> Result<Exi
         r.blocks_used
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_mode(s: &str) -> Result<u16, String> {
+    u16::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("invalid mode {s:?}: octal permission bits, e.g. 755"))
 }

@@ -334,3 +334,52 @@ fn ext4_build_from_a_directory() {
         "No such file",
     );
 }
+
+#[test]
+fn ext4_inject_a_host_file() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let img = mke2fs_image(dir.path());
+    let agent = dir.path().join("agent");
+    std::fs::write(&agent, b"#!agent").unwrap();
+    ok(&[
+        "ext4",
+        "inject",
+        img.to_str().unwrap(),
+        agent.to_str().unwrap(),
+        "/boxlet/bin/boxlet-guest",
+        "--mode",
+        "700",
+    ]);
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    assert_eq!(
+        boxlet(&[
+            "ext4",
+            "cat",
+            img.to_str().unwrap(),
+            "/boxlet/bin/boxlet-guest"
+        ])
+        .stdout,
+        b"#!agent"
+    );
+    assert!(ok(&["ext4", "ls", img.to_str().unwrap(), "/boxlet/bin"]).contains("-rwx------"));
+    fails_naming(
+        &[
+            "ext4",
+            "inject",
+            img.to_str().unwrap(),
+            agent.to_str().unwrap(),
+            "/etc/hostname/x",
+        ],
+        &img,
+        "not a directory",
+    );
+}

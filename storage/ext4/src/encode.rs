@@ -87,6 +87,23 @@ pub(crate) fn inode_bytes(
     b
 }
 
+/// Recompute the metadata_csum checksum of raw inode bytes (seeded by the inode number
+/// and the generation stored in the inode).
+pub(crate) fn set_inode_checksum(raw: &mut [u8], ino: u32, fs_seed: u32) {
+    let has_hi = raw.len() > 128 && u16::from_le_bytes([raw[0x80], raw[0x81]]) >= 4;
+    raw[0x7c..0x7e].fill(0);
+    if has_hi {
+        raw[0x82..0x84].fill(0);
+    }
+    let crc = crc32c_raw(fs_seed, &ino.to_le_bytes());
+    let crc = crc32c_raw(crc, &raw[0x64..0x68]);
+    let crc = crc32c_raw(crc, raw);
+    raw[0x7c..0x7e].copy_from_slice(&(crc as u16).to_le_bytes());
+    if has_hi {
+        raw[0x82..0x84].copy_from_slice(&((crc >> 16) as u16).to_le_bytes());
+    }
+}
+
 fn extent_header(b: &mut [u8], entries: usize, max: u16, depth: u16) {
     b[0..2].copy_from_slice(&0xf30au16.to_le_bytes());
     b[2..4].copy_from_slice(&(entries as u16).to_le_bytes());

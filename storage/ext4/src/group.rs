@@ -32,7 +32,7 @@ fn has_super(sb: &Superblock, g: u64) -> bool {
 }
 
 /// Byte offset of the descriptor of group `g`.
-fn desc_offset(sb: &Superblock, g: u64) -> u64 {
+pub(crate) fn desc_offset(sb: &Superblock, g: u64) -> u64 {
     let bs = sb.block_size();
     let ds = u64::from(sb.desc_size);
     let per_block = bs / ds;

@@ -4,5 +4,6 @@
 mod builder;
 mod differential;
 mod fuzz_corpus;
+mod inject;
 mod malformed;
 mod tree;
