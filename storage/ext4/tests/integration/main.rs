@@ -6,4 +6,5 @@ mod differential;
 mod fuzz_corpus;
 mod inject;
 mod malformed;
+mod roundtrip;
 mod tree;
