@@ -24,12 +24,16 @@ pub enum Ext4Command {
     },
     /// Write a file's contents to standard output.
     Cat { image: PathBuf, path: String },
-    /// Build an image from a host directory (OCI layers: not yet).
+    /// Build an image from a host directory or from OCI layer tarballs (plain, gzip,
+    /// zstd), applied in the order given.
     Build {
         out: PathBuf,
         /// The directory to copy into the image.
-        #[arg(long)]
-        dir: PathBuf,
+        #[arg(long, required_unless_present = "layer", conflicts_with = "layer")]
+        dir: Option<PathBuf>,
+        /// A layer tarball; repeat for each layer, lowest first.
+        #[arg(long, num_args = 1..)]
+        layer: Vec<PathBuf>,
         /// Image size (default: the content plus 25%).
         #[arg(long, value_parser = crate::size::parse_size)]
         size: Option<u64>,
@@ -88,9 +92,10 @@ pub fn run(cmd: Ext4Command) -> Result<ExitCode> {
         Ext4Command::Build {
             out,
             dir,
+            layer,
             size,
             no_journal,
-        } => build(&out, &dir, size, !no_journal),
+        } => build(&out, dir.as_deref(), &layer, size, !no_journal),
     }
 }
 
@@ -241,8 +246,25 @@ fn tree(image: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn build(out: &Path, dir: &Path, size: Option<u64>, journal: bool) -> Result<ExitCode> {
-    let tree = boxlet_ext4::Tree::from_dir(dir).with_context(|| dir.display().to_string())?;
+fn build(
+    out: &Path,
+    dir: Option<&Path>,
+    layers: &[PathBuf],
+    size: Option<u64>,
+    journal: bool,
+) -> Result<ExitCode> {
+    let tree = match dir {
+        Some(dir) => boxlet_ext4::Tree::from_dir(dir).with_context(|| dir.display().to_string())?,
+        None => {
+            let mut stack = boxlet_ext4::LayerStack::new(boxlet_ext4::LayerLimits::default())?;
+            for l in layers {
+                let f = std::fs::File::open(l)
+                    .with_context(|| format!("{}: cannot open", l.display()))?;
+                stack.apply(&l.display().to_string(), f)?;
+            }
+            stack.into_tree()
+        }
+    };
     let opts = boxlet_ext4::BuildOptions {
         size,
         journal,

@@ -383,3 +383,52 @@ fn ext4_inject_a_host_file() {
         "not a directory",
     );
 }
+
+#[test]
+fn ext4_build_from_layers() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mk = |name: &str, files: &[(&str, &[u8])]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for (p, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(p).unwrap();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, b.into_inner().unwrap()).unwrap();
+        path
+    };
+    let l1 = mk("l1.tar", &[("etc/a", b"one"), ("etc/b", b"two")]);
+    let l2 = mk("l2.tar", &[("etc/.wh.a", b""), ("etc/c", b"three")]);
+    let img = dir.path().join("out.img");
+    ok(&[
+        "ext4",
+        "build",
+        img.to_str().unwrap(),
+        "--layer",
+        l1.to_str().unwrap(),
+        "--layer",
+        l2.to_str().unwrap(),
+    ]);
+    let ls = ok(&["ext4", "ls", img.to_str().unwrap(), "/etc"]);
+    assert!(
+        !ls.contains(" a\n") && ls.contains(" b\n") && ls.contains(" c\n"),
+        "{ls}"
+    );
+    let bad = dir.path().join("bad.tar");
+    std::fs::write(&bad, vec![0x1f, 0x8b, 0, 1, 2, 3]).unwrap();
+    fails_naming(
+        &[
+            "ext4",
+            "build",
+            dir.path().join("x.img").to_str().unwrap(),
+            "--layer",
+            bad.to_str().unwrap(),
+        ],
+        &bad,
+        "layer",
+    );
+}

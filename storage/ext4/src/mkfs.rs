@@ -555,28 +555,30 @@ pub fn build(tree: &Tree, file: &File, opts: &BuildOptions) -> Result<BuildRepor
             NodeKind::File(data) => {
                 let size = data.size();
                 let mut ext = Extents::default();
-                let mut host = match data {
-                    FileData::Host { path, .. } => Some(
+                let host = match data {
+                    FileData::Host { path, .. } => Some(std::sync::Arc::new(
                         File::open(path)
                             .map_err(|e| Error::io(format!("{}", path.display()), e))?,
-                    ),
+                    )),
+                    FileData::Spool { file, .. } => Some(file.clone()),
                     FileData::Bytes(_) => None,
+                };
+                let base = match data {
+                    FileData::Spool { offset, .. } => *offset,
+                    _ => 0,
                 };
                 let mut pos = 0u64;
                 while pos < size {
                     let len = (size - pos).min(chunk.len() as u64) as usize;
-                    let buf = match (&mut host, data) {
-                        (Some(f), FileData::Host { path, .. }) => {
-                            f.read_exact_at(&mut chunk[..len], pos).map_err(|e| {
-                                Error::io(
-                                    format!("{} (changed while building?)", path.display()),
-                                    e,
-                                )
+                    let buf = match (&host, data) {
+                        (_, FileData::Bytes(b)) => &b[pos as usize..pos as usize + len],
+                        (Some(f), _) => {
+                            f.read_exact_at(&mut chunk[..len], base + pos).map_err(|e| {
+                                Error::io(format!("reading the data of inode {i} (changed while building?)"), e)
                             })?;
                             &chunk[..len]
                         }
-                        (_, FileData::Bytes(b)) => &b[pos as usize..pos as usize + len],
-                        _ => unreachable!("host data has a file"),
+                        (None, _) => unreachable!("host and spool data have a file"),
                     };
                     for (k, blk) in buf.chunks(BS as usize).enumerate() {
                         if blk.iter().all(|&b| b == 0) {
