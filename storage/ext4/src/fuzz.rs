@@ -40,3 +40,32 @@ pub fn reader(data: &[u8]) {
         }
     }
 }
+
+/// Apply the bytes as one layer (small limits), build an image of the result into a
+/// temporary file, and read it back.
+pub fn layers(data: &[u8]) {
+    let limits = crate::LayerLimits {
+        max_total_bytes: 1 << 22,
+        max_entries: 2000,
+        max_depth: 64,
+    };
+    let Ok(mut stack) = crate::LayerStack::new(limits) else {
+        return;
+    };
+    if stack.apply("fuzz", data).is_err() {
+        return;
+    }
+    let tree = stack.into_tree();
+    let Ok(file) = tempfile::tempfile() else {
+        return;
+    };
+    let opts = crate::BuildOptions {
+        journal: false,
+        uuid: Some([1; 16]),
+        ..Default::default()
+    };
+    if crate::build(&tree, &file, &opts).is_ok() {
+        let fs = Ext4::new(Box::new(file)).expect("a built image opens");
+        fs.walk().expect("a built image walks");
+    }
+}

@@ -46,3 +46,23 @@ fn ext4_reader_corpus() {
         boxlet_ext4::fuzz::reader(&std::fs::read(f).unwrap());
     }
 }
+
+#[test]
+fn ext4_layers_corpus() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let seeds = tempfile::TempDir::new().unwrap();
+    let status = Command::new("bash")
+        .arg(root.join("fixtures/ext4/make-corpus.sh"))
+        .arg(seeds.path())
+        .status()
+        .expect("run make-corpus.sh");
+    assert!(status.success());
+    let generated = files(&seeds.path().join("ext4_layers"));
+    assert_eq!(generated.len(), 3, "make-corpus.sh layer seeds");
+    let mut all = generated;
+    all.extend(files(&root.join("fuzz/corpus/ext4_layers")));
+    all.extend(files(&root.join("fuzz/artifacts/ext4_layers")));
+    for f in &all {
+        boxlet_ext4::fuzz::layers(&std::fs::read(f).unwrap());
+    }
+}
