@@ -14,6 +14,15 @@ use crate::error::{ErrorKind, Result};
 use crate::tree::{FileData, Node, NodeId, NodeKind, NodeMeta, Tree};
 use crate::Error;
 
+/// What one layer has put in the tree so far.
+#[derive(Debug, Default)]
+struct LayerView {
+    /// Nodes this layer created.
+    fresh: HashSet<NodeId>,
+    /// Nodes this layer created, replaced the metadata of, passed through or linked.
+    touched: HashSet<NodeId>,
+}
+
 /// Bounds on what hostile layers may make the builder hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerLimits {
@@ -108,31 +117,61 @@ impl LayerStack {
     }
 
     /// The directory at `comps`, creating missing ones; never through a non-directory.
-    fn dir_at(&mut self, comps: &[Vec<u8>], layer: &str, entry: &str) -> Result<NodeId> {
+    /// Every directory on the way is part of this layer's view (`seen`).
+    fn dir_at(
+        &mut self,
+        comps: &[Vec<u8>],
+        seen: &mut LayerView,
+        layer: &str,
+        entry: &str,
+    ) -> Result<NodeId> {
         let mut cur = 0;
         for c in comps {
             cur = match self.child(cur, c) {
                 Some(id) if matches!(self.tree.nodes[id].kind, NodeKind::Dir(_)) => id,
                 Some(_) => {
-                    return Err(hostile(
-                        layer,
-                        entry,
-                        format!("{:?} is not a directory", String::from_utf8_lossy(c)),
-                    ))
+                    let why = format!("{:?} is not a directory", String::from_utf8_lossy(c));
+                    return Err(hostile(layer, entry, why));
                 }
                 None => {
-                    let node = Node {
-                        kind: NodeKind::Dir(BTreeMap::new()),
-                        meta: NodeMeta {
-                            mode: 0o755,
-                            ..NodeMeta::default()
-                        },
+                    let meta = NodeMeta {
+                        mode: 0o755,
+                        ..NodeMeta::default()
                     };
-                    self.tree.add(cur, c, node)?
+                    let id = self.tree.add(
+                        cur,
+                        c,
+                        Node {
+                            kind: NodeKind::Dir(BTreeMap::new()),
+                            meta,
+                        },
+                    )?;
+                    seen.fresh.insert(id);
+                    id
                 }
             };
+            seen.touched.insert(cur);
         }
         Ok(cur)
+    }
+
+    /// An opaque directory: hide everything lower layers put under `dir`, keeping what
+    /// this layer put there (in whatever order its entries come).
+    fn make_opaque(&mut self, dir: NodeId, seen: &LayerView) {
+        let children: Vec<(Vec<u8>, NodeId)> = match &self.tree.nodes[dir].kind {
+            NodeKind::Dir(c) => c.iter().map(|(k, &v)| (k.clone(), v)).collect(),
+            _ => return,
+        };
+        for (name, id) in children {
+            if !seen.touched.contains(&id) {
+                self.remove(dir, &name);
+            } else if !seen.fresh.contains(&id)
+                && matches!(self.tree.nodes[id].kind, NodeKind::Dir(_))
+            {
+                // A lower directory this layer also has: only this layer's part stays.
+                self.make_opaque(id, seen);
+            }
+        }
     }
 
     fn remove(&mut self, dir: NodeId, name: &[u8]) {
@@ -145,8 +184,7 @@ impl LayerStack {
     pub fn apply(&mut self, layer: &str, reader: impl Read) -> Result<()> {
         let r = decompress(reader).map_err(|e| Error::io(format!("layer {layer}"), e))?;
         let mut ar = tar::Archive::new(r);
-        // Names this layer created, which its own opaque markers leave alone.
-        let mut created: HashSet<(NodeId, Vec<u8>)> = HashSet::new();
+        let mut seen = LayerView::default();
         let entries = ar
             .entries()
             .map_err(|e| Error::io(format!("layer {layer}"), e))?;
@@ -172,19 +210,9 @@ impl LayerStack {
             };
             // Whiteouts.
             if let Some(target) = name.strip_prefix(b".wh.") {
-                let dir = self.dir_at(parents, layer, &shown)?;
+                let dir = self.dir_at(parents, &mut seen, layer, &shown)?;
                 if target == b".wh..opq" {
-                    let keep: Vec<Vec<u8>> = match &self.tree.nodes[dir].kind {
-                        NodeKind::Dir(c) => c
-                            .keys()
-                            .filter(|k| created.contains(&(dir, (*k).clone())))
-                            .cloned()
-                            .collect(),
-                        _ => Vec::new(),
-                    };
-                    if let NodeKind::Dir(c) = &mut self.tree.nodes[dir].kind {
-                        c.retain(|k, _| keep.contains(k));
-                    }
+                    self.make_opaque(dir, &seen);
                 } else if target.is_empty() || target == b"." || target == b".." {
                     return Err(hostile(layer, &shown, "a whiteout of . or .."));
                 } else {
@@ -192,7 +220,7 @@ impl LayerStack {
                 }
                 continue;
             }
-            let dir = self.dir_at(parents, layer, &shown)?;
+            let dir = self.dir_at(parents, &mut seen, layer, &shown)?;
             let kind = entry.header().entry_type();
             if kind.is_hard_link() {
                 let link = entry
@@ -219,7 +247,7 @@ impl LayerStack {
                     })?;
                 self.remove(dir, name);
                 self.tree.link(dir, name, target)?;
-                created.insert((dir, name.clone()));
+                seen.touched.insert(target);
                 continue;
             }
             let meta = meta_of(&mut entry, layer, &shown)?;
@@ -231,7 +259,7 @@ impl LayerStack {
                         .filter(|&id| matches!(self.tree.nodes[id].kind, NodeKind::Dir(_)))
                     {
                         self.tree.nodes[id].meta = meta;
-                        created.insert((dir, name.clone()));
+                        seen.touched.insert(id);
                         continue;
                     }
                     NodeKind::Dir(BTreeMap::new())
@@ -296,7 +324,7 @@ impl LayerStack {
                 _ => continue,
             };
             self.remove(dir, name);
-            self.tree.add(
+            let id = self.tree.add(
                 dir,
                 name,
                 Node {
@@ -304,7 +332,8 @@ impl LayerStack {
                     meta,
                 },
             )?;
-            created.insert((dir, name.clone()));
+            seen.fresh.insert(id);
+            seen.touched.insert(id);
             if self.tree.nodes.len() > self.limits.max_entries {
                 return Err(hostile(
                     layer,

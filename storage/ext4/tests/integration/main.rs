@@ -5,6 +5,7 @@ mod builder;
 mod differential;
 mod fuzz_corpus;
 mod inject;
+mod layer_model;
 mod layers;
 mod malformed;
 mod roundtrip;
