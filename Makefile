@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_TIME ?= 20
 
-.PHONY: all build setup test lint bench fuzz-smoke corpus clean
+.PHONY: all build setup test lint bench bench-ext4 fuzz-smoke corpus clean
 
 all: build
 
@@ -22,6 +22,10 @@ lint:
 
 bench: setup
 	$(CARGO) bench -p boxlet-benches
+
+# ext4 builder against mke2fs -d and tar -x + mke2fs -d (needs root, debootstrap).
+bench-ext4: setup
+	bash benches/ext4_build.sh
 
 # Seed corpora for the fuzz targets, generated with qemu-img and boxlet.
 corpus: setup
