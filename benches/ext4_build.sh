@@ -26,14 +26,18 @@ measure() {
     for _ in $(seq "$runs"); do
         rm -f "$work/out.img"
         sync
-        /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; exit 1; }
-        read -r t m < "$work/time"
+        local t0 t1
+        t0=$(date +%s%N)
+        /usr/bin/time -f "%M" -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; exit 1; }
+        t1=$(date +%s%N)
+        t=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", (b - a) / 1e9 }')
+        read -r m < "$work/time"
         times+=("$t")
         mems+=("$m")
     done
     t=$(printf '%s\n' "${times[@]}" | median)
     m=$(printf '%s\n' "${mems[@]}" | sort -n | tail -1)
-    printf '%-12s %-12s median %8.3f s   peak RSS %7d KiB\n' "$tree" "$name" "$t" "$m"
+    printf '%-12s %-12s median %8.4f s   peak RSS %7d KiB\n' "$tree" "$name" "$t" "$m"
     echo "$t" > "$work/t.$name"
 }
 
