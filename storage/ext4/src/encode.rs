@@ -5,6 +5,9 @@ use crate::csum::crc32c_raw;
 use crate::error::{ErrorKind, Result};
 use crate::tree::NodeMeta;
 
+/// A directory entry to write: name, inode number, file type code.
+pub(crate) type Dirent = (Vec<u8>, u32, u8);
+
 /// Everything an inode is written from.
 #[derive(Debug, Clone)]
 pub(crate) struct InodeRec {

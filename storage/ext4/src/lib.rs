@@ -12,6 +12,7 @@
 mod bytes;
 mod csum;
 mod dir;
+mod dx;
 mod encode;
 mod error;
 mod extent;

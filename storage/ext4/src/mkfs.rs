@@ -7,14 +7,15 @@
 //! superblocks) is built in memory, bounded by the number of inodes, and written last.
 //!
 //! Features: has_journal (by default), extents, 64bit, filetype, ext_attr, dir_index,
-//! sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum. Not yet:
-//! htree indexes for large directories (they are written linear, which ext4 reads fine).
+//! sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum, with
+//! hashed (htree) indexes for directories of more than one block.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::csum::crc32c_raw;
+use crate::dx;
 use crate::encode::{self, InodeRec};
 use crate::error::{ErrorKind, Result};
 use crate::tree::{FileData, NodeKind, NodeMeta, Tree};
@@ -309,6 +310,7 @@ const S_IFDIR: u16 = 0x4000;
 const S_IFREG: u16 = 0x8000;
 const S_IFLNK: u16 = 0xa000;
 const FLAG_EXTENTS: u32 = 0x80000;
+const FLAG_INDEX: u32 = 0x1000;
 
 fn dirent_type(kind: &NodeKind) -> u8 {
     match kind {
@@ -606,10 +608,26 @@ pub fn build(tree: &Tree, file: &File, opts: &BuildOptions) -> Result<BuildRepor
                 for (name, &c) in children {
                     entries.push((name.clone(), ino[c], dirent_type(&tree.nodes[c].kind)));
                 }
-                let ext = write_dir(&entries, iseed, &mut alloc, &mut w)?;
+                // More than one block of entries: a hashed index, as the kernel would
+                // make it (when one index level can hold them).
+                let linear = encode::dir_data(&entries, Some(iseed), BS as usize);
+                let blocks = if linear.len() > 1 {
+                    dx::build(
+                        i,
+                        ino[parent[id]],
+                        &entries[2..],
+                        &hash_seed(&uuid),
+                        Some(iseed),
+                        BS as usize,
+                    )
+                } else {
+                    None
+                };
+                let indexed = blocks.is_some();
+                let ext = write_blocks(&blocks.unwrap_or(linear), &mut alloc, &mut w)?;
                 let (ib, leaves) = extent_root(&ext, iseed, &mut alloc, &mut w)?;
                 rec.iblock = ib;
-                rec.flags = FLAG_EXTENTS;
+                rec.flags = FLAG_EXTENTS | if indexed { FLAG_INDEX } else { 0 };
                 rec.size = ext.blocks * BS;
                 rec.blocks_512 = (ext.blocks + leaves) * (BS / 512);
                 dirs_per_group[((i - 1) as u64 / geo.ipg) as usize] += 1;
@@ -712,11 +730,22 @@ fn write_dir(
     alloc: &mut Alloc,
     w: &mut Writer<'_>,
 ) -> Result<Extents> {
+    write_blocks(
+        &encode::dir_data(entries, Some(iseed), BS as usize),
+        alloc,
+        w,
+    )
+}
+
+/// Directory seed of the name hash, derived from the UUID (superblock `s_hash_seed`).
+fn hash_seed(uuid: &[u8; 16]) -> [u32; 4] {
+    [0u32, 1, 2, 3].map(|k| crc32c_raw(k, uuid))
+}
+
+/// Write blocks at consecutive logical positions.
+fn write_blocks(blocks: &[Vec<u8>], alloc: &mut Alloc, w: &mut Writer<'_>) -> Result<Extents> {
     let mut ext = Extents::default();
-    for (k, b) in encode::dir_data(entries, Some(iseed), BS as usize)
-        .iter()
-        .enumerate()
-    {
+    for (k, b) in blocks.iter().enumerate() {
         let phys = alloc.one()?;
         w.put(phys, b)?;
         ext.push(k as u64, phys);
@@ -887,9 +916,8 @@ fn write_metadata(
         sb[0x68..0x78].copy_from_slice(uuid);
         let label = opts.label.as_bytes();
         sb[0x78..0x78 + label.len().min(16)].copy_from_slice(&label[..label.len().min(16)]);
-        // Directory hash seed, from the UUID.
-        for k in 0..4 {
-            put32(&mut sb, 0xec + 4 * k, u64::from(crc32c_raw(k as u32, uuid)));
+        for (k, v) in hash_seed(uuid).iter().enumerate() {
+            put32(&mut sb, 0xec + 4 * k, u64::from(*v));
         }
         sb[0xfc] = 1; // half_md4
         put16(&mut sb, 0xfe, DESC_SIZE);

@@ -43,6 +43,10 @@ fn built_images_pass_e2fsck_and_read_back_identical() {
     e2fsck_clean(&img);
     let fs = Ext4::open(&img).unwrap();
     assert_same("builder", &host_tree(&src), &image_tree(&fs));
+    // The 3000-entry directory is hash-indexed (e2fsck above checked the index), small
+    // ones are not.
+    assert!(fs.resolve("/many", false).unwrap().flags & 0x1000 != 0);
+    assert!(fs.resolve("/etc", false).unwrap().flags & 0x1000 == 0);
 }
 
 #[test]

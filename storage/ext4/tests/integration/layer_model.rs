@@ -43,13 +43,13 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Drop ops a valid layer would not hold together: a whiteout of a path (or an ancestor)
-/// this layer also adds, and duplicate adds.
+/// this layer also adds or puts markers under, and duplicate adds.
 fn valid_layer(ops: Vec<Op>) -> Vec<Op> {
     let adds: Vec<String> = ops
         .iter()
         .filter_map(|o| match o {
-            Op::File(p, _) | Op::Dir(p) => Some(p.clone()),
-            _ => None,
+            Op::File(p, _) | Op::Dir(p) | Op::Opaque(p) => Some(p.clone()),
+            Op::Whiteout(w) => w.rsplit_once('/').map(|(d, _)| d.to_string()),
         })
         .collect();
     let mut seen = std::collections::HashSet::new();
