@@ -203,3 +203,52 @@ fn the_journal_is_usable_and_optional() {
         .feature_names()
         .contains(&"has_journal"));
 }
+
+/// e2fsprogs' own reader (`debugfs rdump`) extracts the same files, directories and
+/// symlinks, with the same contents, permission bits and owners (rdump drops setuid,
+/// setgid and sticky, which the reader and kernel-mount tests check).
+#[test]
+fn debugfs_extracts_what_was_built() {
+    let dir = TempDir::new().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    populate(&src, 2000);
+    let img = dir.path().join("built.img");
+    build_file(&Tree::from_dir(&src).unwrap(), &img, &opts()).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let st = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", out.display()))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let keep = |t: &crate::tree::Tree| -> Vec<(String, String)> {
+        t.iter()
+            .filter(|(p, e)| {
+                p.as_str() != "/"
+                    && !p.starts_with("/lost+found")
+                    && matches!(
+                        e.kind,
+                        boxlet_ext4::FileType::Regular
+                            | boxlet_ext4::FileType::Directory
+                            | boxlet_ext4::FileType::Symlink
+                    )
+            })
+            .map(|(p, e)| (p.clone(), e.summary_without_special_bits()))
+            .collect()
+    };
+    let got = keep(&host_tree(&out));
+    let want = keep(&host_tree(&src));
+    let diff: Vec<_> = want.iter().filter(|w| !got.contains(w)).take(5).collect();
+    let extra: Vec<_> = got.iter().filter(|g| !want.contains(g)).take(5).collect();
+    assert!(
+        diff.is_empty() && extra.is_empty(),
+        "missing or different {diff:?}, extra {extra:?}"
+    );
+}

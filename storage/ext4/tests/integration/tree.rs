@@ -286,3 +286,20 @@ pub fn assert_same(what: &str, host: &Tree, image: &Tree) {
         }
     }
 }
+
+impl Entry {
+    /// Kind, permission bits, owner, size, contents hash and link target.
+    pub fn summary_without_special_bits(&self) -> String {
+        let content = self.content.as_ref().map(|c| crc32c_of(c));
+        let mode = self.mode & 0o777;
+        format!(
+            "{:?} {mode:o} {}:{} {} {content:?} {:?}",
+            self.kind, self.uid, self.gid, self.size, self.target
+        )
+    }
+}
+
+fn crc32c_of(data: &[u8]) -> u32 {
+    data.iter()
+        .fold(0u32, |h, &b| h.rotate_left(5) ^ u32::from(b))
+}
