@@ -265,13 +265,17 @@ fn build(
             stack.into_tree()
         }
     };
+    // File contents are read from the layers a second time, straight into the image.
+    let mut open_layer = |i: usize| -> std::io::Result<Box<dyn std::io::Read>> {
+        Ok(Box::new(std::fs::File::open(&layers[i])?))
+    };
     let opts = boxlet_ext4::BuildOptions {
         size,
         journal,
         ..Default::default()
     };
-    let r =
-        boxlet_ext4::build_file(&tree, out, &opts).with_context(|| out.display().to_string())?;
+    let r = boxlet_ext4::build_file_with_layers(&tree, out, &opts, &mut open_layer)
+        .with_context(|| out.display().to_string())?;
     eprintln!(
         "{}: {} bytes, {} inodes, {} blocks used",
         out.display(),

@@ -64,7 +64,8 @@ pub fn layers(data: &[u8]) {
         uuid: Some([1; 16]),
         ..Default::default()
     };
-    if crate::build(&tree, &file, &opts).is_ok() {
+    let mut layer = |_| Ok(Box::new(data) as Box<dyn std::io::Read + '_>);
+    if crate::build_with_layers(&tree, &file, &opts, &mut layer).is_ok() {
         let fs = Ext4::new(Box::new(file)).expect("a built image opens");
         fs.walk().expect("a built image walks");
     }

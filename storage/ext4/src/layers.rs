@@ -1,14 +1,14 @@
 //! Applying OCI image layers (tar streams: plain, gzip or zstd) to an in-memory [`Tree`]:
-//! whiteouts, opaque directories, hard links, PAX xattrs. Nothing is written to the host
-//! filesystem but a spool file of file contents, and no entry can reach outside the tree:
-//! names are resolved inside it without following symlinks, and `..` is refused.
+//! whiteouts, opaque directories, hard links, PAX xattrs. Nothing from a layer is written
+//! to the host filesystem, and no entry can reach outside the tree: names are resolved
+//! inside it without following symlinks, and `..` is refused.
 //!
-//! File contents go to one anonymous spool file, so memory grows with the number of
-//! entries, not with their size. (Writing them straight into the image is the next step.)
+//! File contents are not kept: each file records which entry of which layer holds them,
+//! and the image writer streams the layers a second time to copy them straight into the
+//! image ([`crate::build_with_layers`]). Memory grows with the number of entries only.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Seek, Write};
-use std::sync::Arc;
+use std::io::{BufRead, BufReader, Read};
 
 use crate::error::{ErrorKind, Result};
 use crate::tree::{FileData, Node, NodeId, NodeKind, NodeMeta, Tree};
@@ -48,10 +48,9 @@ impl Default for LayerLimits {
 #[derive(Debug)]
 pub struct LayerStack {
     tree: Tree,
-    spool: Arc<std::fs::File>,
-    spool_len: u64,
     limits: LayerLimits,
     total: u64,
+    layers: usize,
 }
 
 fn hostile(layer: &str, entry: &str, why: impl std::fmt::Display) -> Error {
@@ -59,7 +58,7 @@ fn hostile(layer: &str, entry: &str, why: impl std::fmt::Display) -> Error {
 }
 
 /// Wrap `r` in the decompressor its first bytes call for (gzip, zstd, or none).
-fn decompress<'a>(r: impl Read + 'a) -> std::io::Result<Box<dyn Read + 'a>> {
+pub(crate) fn decompress<'a>(r: impl Read + 'a) -> std::io::Result<Box<dyn Read + 'a>> {
     let mut r = BufReader::new(r);
     let head = r.fill_buf()?;
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
@@ -89,13 +88,11 @@ fn components(path: &[u8]) -> std::result::Result<Vec<Vec<u8>>, &'static str> {
 impl LayerStack {
     /// An empty root directory (mode 0755, owned by root).
     pub fn new(limits: LayerLimits) -> Result<Self> {
-        let spool = tempfile::tempfile().map_err(|e| Error::io("creating the spool file", e))?;
         Ok(Self {
             tree: Tree::default(),
-            spool: Arc::new(spool),
-            spool_len: 0,
             limits,
             total: 0,
+            layers: 0,
         })
     }
 
@@ -104,7 +101,12 @@ impl LayerStack {
         &self.tree
     }
 
-    /// Finish: the tree, its file contents in the spool.
+    /// Layers applied so far.
+    pub fn layer_count(&self) -> usize {
+        self.layers
+    }
+
+    /// Finish: the tree, whose files name the layer entries holding their contents.
     pub fn into_tree(self) -> Tree {
         self.tree
     }
@@ -188,7 +190,8 @@ impl LayerStack {
         let entries = ar
             .entries()
             .map_err(|e| Error::io(format!("layer {layer}"), e))?;
-        for entry in entries {
+        let index = self.layers;
+        for (ordinal, entry) in entries.enumerate() {
             let mut entry = entry
                 .map_err(|e| Error::io(format!("layer {layer}: reading the tar stream"), e))?;
             let raw_path = entry.path_bytes().into_owned();
@@ -301,21 +304,15 @@ impl LayerStack {
                             ),
                         ));
                     }
-                    let offset = self.spool_len;
-                    let mut spool = &*self.spool;
-                    spool
-                        .seek(std::io::SeekFrom::Start(offset))
-                        .map_err(|e| Error::io("the spool file", e))?;
-                    let copied = std::io::copy(&mut entry, &mut spool)
+                    // The contents stay in the layer: read past them to the next entry.
+                    let skipped = std::io::copy(&mut entry, &mut std::io::sink())
                         .map_err(|e| Error::io(format!("layer {layer}: {shown}"), e))?;
-                    spool.flush().map_err(|e| Error::io("the spool file", e))?;
-                    if copied != size {
+                    if skipped != size {
                         return Err(hostile(layer, &shown, "truncated file contents"));
                     }
-                    self.spool_len += size;
-                    NodeKind::File(FileData::Spool {
-                        file: self.spool.clone(),
-                        offset,
+                    NodeKind::File(FileData::Layer {
+                        layer: index,
+                        entry: ordinal as u64,
                         size,
                     })
                 }
@@ -342,6 +339,7 @@ impl LayerStack {
                 ));
             }
         }
+        self.layers += 1;
         Ok(())
     }
 }

@@ -38,7 +38,9 @@ pub use inject::{inject, inject_bytes, InjectOptions};
 pub use inode::{FileType, Inode, Timestamp, ROOT_INO};
 pub use layers::{LayerLimits, LayerStack};
 pub use metadata::Metadata;
-pub use mkfs::{build, build_file, BuildOptions, BuildReport};
+pub use mkfs::{
+    build, build_file, build_file_with_layers, build_with_layers, BuildOptions, BuildReport,
+};
 pub use source::ReadAt;
 pub use superblock::Superblock;
 pub use tree::{FileData, Node, NodeId, NodeKind, NodeMeta, Tree};

@@ -10,7 +10,9 @@
 //! sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum, with
 //! hashed (htree) indexes for directories of more than one block.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -18,7 +20,7 @@ use crate::csum::crc32c_raw;
 use crate::dx;
 use crate::encode::{self, InodeRec};
 use crate::error::{ErrorKind, Result};
-use crate::tree::{FileData, NodeKind, NodeMeta, Tree};
+use crate::tree::{FileData, NodeId, NodeKind, NodeMeta, Tree};
 use crate::xattr_write;
 use crate::Error;
 
@@ -374,13 +376,25 @@ fn extent_root(
 
 /// Build an image of `tree` into a new file at `path`.
 pub fn build_file(tree: &Tree, path: &Path, opts: &BuildOptions) -> Result<BuildReport> {
+    build_file_with_layers(tree, path, opts, &mut |i| {
+        Err(std::io::Error::other(format!("no layer {i} given")))
+    })
+}
+
+/// [`build_with_layers`] into a new file at `path`.
+pub fn build_file_with_layers<'a>(
+    tree: &Tree,
+    path: &Path,
+    opts: &BuildOptions,
+    layers: &mut dyn FnMut(usize) -> std::io::Result<Box<dyn Read + 'a>>,
+) -> Result<BuildReport> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-    let res = build(tree, &file, opts).and_then(|r| {
+    let res = build_with_layers(tree, &file, opts, layers).and_then(|r| {
         file.sync_all()
             .map_err(|e| Error::io("syncing the image", e))?;
         Ok(r)
@@ -391,8 +405,22 @@ pub fn build_file(tree: &Tree, path: &Path, opts: &BuildOptions) -> Result<Build
     res
 }
 
-/// Build an image of `tree` into `file` (which is truncated to the image size).
+/// Build an image of `tree` into `file` (which is truncated to the image size). The tree
+/// must not refer to layer contents (see [`build_with_layers`]).
 pub fn build(tree: &Tree, file: &File, opts: &BuildOptions) -> Result<BuildReport> {
+    build_with_layers(tree, file, opts, &mut |i| {
+        Err(std::io::Error::other(format!("no layer {i} given")))
+    })
+}
+
+/// Build an image of a tree made by a [`crate::LayerStack`]: `layers(i)` opens layer `i`
+/// again (compressed or not), and each is read once more, in order, for file contents.
+pub fn build_with_layers<'a>(
+    tree: &Tree,
+    file: &File,
+    opts: &BuildOptions,
+    layers: &mut dyn FnMut(usize) -> std::io::Result<Box<dyn Read + 'a>>,
+) -> Result<BuildReport> {
     let n = tree.nodes.len();
     // Inode numbers: root 2, lost+found 11, the rest from 12 in depth-first order.
     let mut ino = vec![0u32; n];
@@ -536,6 +564,8 @@ pub fn build(tree: &Tree, file: &File, opts: &BuildOptions) -> Result<BuildRepor
     }
 
     let mut chunk = vec![0u8; 1 << 20];
+    // Layer contents first, each layer streamed once, in tar order.
+    let mut layer_ext = write_layer_data(tree, &order, layers, &mut chunk, &mut alloc, &mut w)?;
     for &id in &order {
         let node = &tree.nodes[id];
         let i = ino[id];
@@ -556,43 +586,20 @@ pub fn build(tree: &Tree, file: &File, opts: &BuildOptions) -> Result<BuildRepor
         match &node.kind {
             NodeKind::File(data) => {
                 let size = data.size();
-                let mut ext = Extents::default();
-                let host = match data {
-                    FileData::Host { path, .. } => Some(std::sync::Arc::new(
-                        File::open(path)
-                            .map_err(|e| Error::io(format!("{}", path.display()), e))?,
-                    )),
-                    FileData::Spool { file, .. } => Some(file.clone()),
-                    FileData::Bytes(_) => None,
-                };
-                let base = match data {
-                    FileData::Spool { offset, .. } => *offset,
-                    _ => 0,
-                };
-                let mut pos = 0u64;
-                while pos < size {
-                    let len = (size - pos).min(chunk.len() as u64) as usize;
-                    let buf = match (&host, data) {
-                        (_, FileData::Bytes(b)) => &b[pos as usize..pos as usize + len],
-                        (Some(f), _) => {
-                            f.read_exact_at(&mut chunk[..len], base + pos).map_err(|e| {
-                                Error::io(format!("reading the data of inode {i} (changed while building?)"), e)
-                            })?;
-                            &chunk[..len]
-                        }
-                        (None, _) => unreachable!("host and spool data have a file"),
-                    };
-                    for (k, blk) in buf.chunks(BS as usize).enumerate() {
-                        if blk.iter().all(|&b| b == 0) {
-                            continue;
-                        }
-                        let logical = pos / BS + k as u64;
-                        let phys = alloc.one()?;
-                        w.put(phys, blk)?;
-                        ext.push(logical, phys);
+                let ext = match data {
+                    FileData::Layer { .. } => layer_ext
+                        .remove(&id)
+                        .ok_or_else(|| invalid(format!("inode {i}: layer data not found")))?,
+                    FileData::Host { path, .. } => {
+                        let mut f = File::open(path)
+                            .map_err(|e| Error::io(format!("{}", path.display()), e))?;
+                        write_stream(&mut f, size, &mut chunk, &mut alloc, &mut w)
+                            .map_err(|e| e.with_path(&path.display().to_string()))?
                     }
-                    pos += len as u64;
-                }
+                    FileData::Bytes(b) => {
+                        write_stream(&mut &b[..], size, &mut chunk, &mut alloc, &mut w)?
+                    }
+                };
                 let (ib, leaves) = extent_root(&ext, iseed, &mut alloc, &mut w)?;
                 rec.iblock = ib;
                 rec.flags = FLAG_EXTENTS;
@@ -722,6 +729,81 @@ pub fn build(tree: &Tree, file: &File, opts: &BuildOptions) -> Result<BuildRepor
         inodes_used,
         blocks_used: alloc.used_count(),
     })
+}
+
+/// Write `size` bytes from `r` into newly allocated blocks, leaving zero blocks as holes.
+fn write_stream(
+    r: &mut dyn Read,
+    size: u64,
+    chunk: &mut [u8],
+    alloc: &mut Alloc,
+    w: &mut Writer<'_>,
+) -> Result<Extents> {
+    let mut ext = Extents::default();
+    let mut pos = 0u64;
+    while pos < size {
+        let len = (size - pos).min(chunk.len() as u64) as usize;
+        r.read_exact(&mut chunk[..len])
+            .map_err(|e| Error::io("reading file contents (changed while building?)", e))?;
+        for (k, blk) in chunk[..len].chunks(BS as usize).enumerate() {
+            if blk.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let phys = alloc.one()?;
+            w.put(phys, blk)?;
+            ext.push(pos / BS + k as u64, phys);
+        }
+        pos += len as u64;
+    }
+    Ok(ext)
+}
+
+/// Stream every layer that holds contents of the tree's files and write those contents,
+/// in the order the layers hold them.
+fn write_layer_data<'a>(
+    tree: &Tree,
+    reachable: &[NodeId],
+    layers: &mut dyn FnMut(usize) -> std::io::Result<Box<dyn Read + 'a>>,
+    chunk: &mut [u8],
+    alloc: &mut Alloc,
+    w: &mut Writer<'_>,
+) -> Result<HashMap<NodeId, Extents>> {
+    let mut wanted: BTreeMap<usize, HashMap<u64, (NodeId, u64)>> = BTreeMap::new();
+    // Only reachable nodes: layers may have removed or replaced others.
+    for &id in reachable {
+        if let NodeKind::File(FileData::Layer { layer, entry, size }) = &tree.nodes[id].kind {
+            wanted
+                .entry(*layer)
+                .or_default()
+                .insert(*entry, (id, *size));
+        }
+    }
+    let mut out = HashMap::new();
+    for (layer, mut entries) in wanted {
+        let io = |e| Error::io(format!("reading layer {layer} again"), e);
+        let r = crate::layers::decompress(layers(layer).map_err(io)?).map_err(io)?;
+        let mut ar = tar::Archive::new(r);
+        for (k, entry) in ar.entries().map_err(io)?.enumerate() {
+            let mut entry = entry.map_err(io)?;
+            if let Some((id, size)) = entries.remove(&(k as u64)) {
+                if entry.size() != size {
+                    return Err(invalid(format!(
+                        "layer {layer} changed since it was applied"
+                    )));
+                }
+                out.insert(id, write_stream(&mut entry, size, chunk, alloc, w)?);
+                if entries.is_empty() {
+                    break;
+                }
+            }
+        }
+        if !entries.is_empty() {
+            return Err(invalid(format!(
+                "layer {layer} changed since it was applied"
+            )));
+        }
+    }
+    Ok(out)
 }
 
 fn write_dir(

@@ -13,7 +13,7 @@ use crate::Error;
 pub type NodeId = usize;
 
 /// Where a regular file's bytes come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileData {
     /// A file on the host, read while the image is written.
     Host {
@@ -24,46 +24,23 @@ pub enum FileData {
     },
     /// Bytes in memory.
     Bytes(Vec<u8>),
-    /// A range of a spool file (layer contents kept out of memory).
-    Spool {
-        /// The spool.
-        file: std::sync::Arc<std::fs::File>,
-        /// Where the bytes start.
-        offset: u64,
-        /// How many.
+    /// Entry number `entry` (counting from 0) of layer `layer` of a [`crate::LayerStack`]:
+    /// read again from the layer when the image is built.
+    Layer {
+        /// Index of the layer in the order applied.
+        layer: usize,
+        /// Index of the entry in the layer's tar stream.
+        entry: u64,
+        /// Size in bytes.
         size: u64,
     },
 }
-
-impl PartialEq for FileData {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Self::Host { path: a, size: x }, Self::Host { path: b, size: y }) => a == b && x == y,
-            (Self::Bytes(a), Self::Bytes(b)) => a == b,
-            (
-                Self::Spool {
-                    file: f,
-                    offset: a,
-                    size: x,
-                },
-                Self::Spool {
-                    file: g,
-                    offset: b,
-                    size: y,
-                },
-            ) => std::sync::Arc::ptr_eq(f, g) && a == b && x == y,
-            _ => false,
-        }
-    }
-}
-
-impl Eq for FileData {}
 
 impl FileData {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         match self {
-            Self::Host { size, .. } | Self::Spool { size, .. } => *size,
+            Self::Host { size, .. } | Self::Layer { size, .. } => *size,
             Self::Bytes(b) => b.len() as u64,
         }
     }

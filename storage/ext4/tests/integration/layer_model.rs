@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use boxlet_ext4::{build_file, BuildOptions, Ext4, FileType, LayerLimits, LayerStack};
+use boxlet_ext4::{build_file_with_layers, BuildOptions, Ext4, FileType, LayerLimits, LayerStack};
 use proptest::prelude::*;
 use tempfile::TempDir;
 
@@ -162,6 +162,7 @@ proptest! {
         // builder; keep only stacks whose entry kinds never clash at a path.
         let mut model = BTreeMap::new();
         let mut builder = LayerStack::new(LayerLimits::default()).unwrap();
+        let blobs: Vec<Vec<u8>> = stack.iter().map(|l| tarball(l)).collect();
         for (i, layer) in stack.iter().enumerate() {
             let clash = layer.iter().any(|o| match o {
                 Op::File(p, _) => parents(p).iter().any(|d| matches!(model.get(d), Some(Entry::File(_)))),
@@ -169,12 +170,14 @@ proptest! {
                 Op::Whiteout(w) => parents(w).iter().any(|d| matches!(model.get(d), Some(Entry::File(_)))),
             });
             prop_assume!(!clash);
-            builder.apply(&format!("layer{i}"), &tarball(layer)[..]).unwrap();
+            builder.apply(&format!("layer{i}"), &blobs[i][..]).unwrap();
             apply_model(&mut model, layer);
         }
         let dir = TempDir::new().unwrap();
         let img = dir.path().join("l.img");
-        build_file(&builder.into_tree(), &img, &BuildOptions { journal: false, ..BuildOptions::default() }).unwrap();
+        let mut open = |i: usize| Ok(Box::new(&blobs[i][..]) as Box<dyn std::io::Read + '_>);
+        build_file_with_layers(&builder.into_tree(), &img, &BuildOptions { journal: false, ..BuildOptions::default() }, &mut open).unwrap();
+        crate::builder::e2fsck_clean(&img);
         let fs = Ext4::open(&img).unwrap();
         let mut got = BTreeMap::new();
         for (p, m) in fs.walk().unwrap() {

@@ -3,7 +3,9 @@
 
 use std::io::Write;
 
-use boxlet_ext4::{build_file, BuildOptions, ErrorKind, Ext4, FileType, LayerLimits, LayerStack};
+use boxlet_ext4::{
+    build_file_with_layers, BuildOptions, ErrorKind, Ext4, FileType, LayerLimits, LayerStack,
+};
 use tempfile::TempDir;
 
 use crate::builder::e2fsck_clean;
@@ -123,15 +125,17 @@ fn a_stack_of_plain_gzip_and_zstd_layers_builds_the_merged_tree() {
         .raw_file("/abs/contained", b"inside")
         .bytes();
 
+    let blobs = [l1, gzip(&l2), zstd(&l3)];
     let mut stack = LayerStack::new(LayerLimits::default()).unwrap();
-    stack.apply("sha256:l1", &l1[..]).unwrap();
-    stack.apply("sha256:l2", &gzip(&l2)[..]).unwrap();
-    stack.apply("sha256:l3", &zstd(&l3)[..]).unwrap();
+    for (i, b) in blobs.iter().enumerate() {
+        stack.apply(&format!("sha256:l{}", i + 1), &b[..]).unwrap();
+    }
     let tree = stack.into_tree();
 
     let dir = TempDir::new().unwrap();
     let img = dir.path().join("layers.img");
-    build_file(&tree, &img, &BuildOptions::default()).unwrap();
+    let mut open = |i: usize| Ok(Box::new(&blobs[i][..]) as Box<dyn std::io::Read + '_>);
+    build_file_with_layers(&tree, &img, &BuildOptions::default(), &mut open).unwrap();
     e2fsck_clean(&img);
     let fs = Ext4::open(&img).unwrap();
     assert_eq!(fs.read("/etc/hostname").unwrap(), b"upper\n");
@@ -299,4 +303,22 @@ fn limits_stop_hostile_layers() {
         &b"this is not a tar stream at all, but it is long enough to have a header block"[..],
     );
     assert!(e.is_err());
+}
+
+#[test]
+fn a_layer_that_changes_between_the_two_reads_is_refused() {
+    let l1 = Layer::new().file("a", b"first", 0o644).bytes();
+    let other = Layer::new().file("a", b"different size", 0o644).bytes();
+    let mut stack = LayerStack::new(LayerLimits::default()).unwrap();
+    stack.apply("l1", &l1[..]).unwrap();
+    let tree = stack.into_tree();
+    let dir = TempDir::new().unwrap();
+    let img = dir.path().join("x.img");
+    let mut open = |_| Ok(Box::new(&other[..]) as Box<dyn std::io::Read + '_>);
+    let e = build_file_with_layers(&tree, &img, &BuildOptions::default(), &mut open).unwrap_err();
+    assert!(
+        e.to_string().contains("changed since it was applied"),
+        "{e}"
+    );
+    assert!(!img.exists());
 }
