@@ -3,8 +3,9 @@
 //! regular file is replaced, and bitmaps, group descriptors, the superblock and every
 //! checksum are updated so that `e2fsck -fn` stays clean.
 //!
-//! Works on images with extents (ext4), linear parent directories, and groups whose
-//! bitmaps are initialized; anything else is refused with a named error.
+//! Works on images with extents (ext4) and groups whose bitmaps are initialized; a
+//! hash-indexed parent directory is turned into a linear one first. Anything else is
+//! refused with a named error.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -485,10 +486,11 @@ impl<'a> Injector<'a> {
 
     /// Add an entry to a linear directory, in free space or in a new block.
     fn add_entry(&mut self, dir: &Inode, name: &[u8], ino: u32, ty: u8) -> Result<()> {
-        if dir.is_inline() || dir.flags & FLAG_INDEX != 0 || !dir.has_extents() {
-            return Err(unsupported(
-                "adding to an inline, htree-indexed or block-mapped directory",
-            ));
+        if dir.is_inline() || !dir.has_extents() {
+            return Err(unsupported("adding to an inline or block-mapped directory"));
+        }
+        if dir.flags & FLAG_INDEX != 0 {
+            self.drop_index(dir)?;
         }
         // Re-read: an earlier step may have changed the directory.
         let dir = self.fs.inode(dir.ino)?;
@@ -567,6 +569,43 @@ impl<'a> Injector<'a> {
             raw[0x1c..0x20].copy_from_slice(&(blocks_512 as u32).to_le_bytes());
             raw[0x74..0x76].copy_from_slice(&((blocks_512 >> 32) as u16).to_le_bytes());
             raw[0x28..0x64].copy_from_slice(&iblock);
+        })
+    }
+
+    /// Turn a hash-indexed directory into a linear one (valid, read the same way; e2fsck
+    /// -D or the kernel can index it again): the root keeps "." and "..", index nodes
+    /// become empty blocks, each with a directory checksum tail.
+    fn drop_index(&mut self, dir: &Inode) -> Result<()> {
+        let bs = self.bs as usize;
+        let seed = self.inode_seed(dir.ino, dir.generation);
+        let usable = if seed.is_some() { bs - 12 } else { bs };
+        for e in self.fs.extents(dir)? {
+            for k in 0..e.len {
+                let nr = e.physical + k;
+                let mut block = self.fs.read_block(nr)?;
+                let root = e.logical + k == 0;
+                // Index nodes look like one empty entry spanning the whole block.
+                let node = le32(&block, 0) == 0 && usize::from(le16(&block, 4)) == bs;
+                if !(root || node) {
+                    continue;
+                }
+                if root {
+                    // "." (12 bytes), then ".." spanning the rest; the index inside goes.
+                    block[24..].fill(0);
+                    block[16..18].copy_from_slice(&((usable - 12) as u16).to_le_bytes());
+                } else {
+                    block.fill(0);
+                    block[4..6].copy_from_slice(&(usable as u16).to_le_bytes());
+                }
+                if let Some(s) = seed {
+                    encode::dir_tail(&mut block, s);
+                }
+                self.write("a directory block", nr * self.bs, &block)?;
+            }
+        }
+        self.patch_inode(dir.ino, |raw| {
+            let flags = le32(raw, 0x20) & !FLAG_INDEX;
+            raw[0x20..0x24].copy_from_slice(&flags.to_le_bytes());
         })
     }
 

@@ -172,3 +172,46 @@ fn refusals_are_named() {
     let e = inject_bytes(&ext2, b"x", "/x", &InjectOptions::default()).unwrap_err();
     assert!(e.to_string().contains("without extents"), "{e}");
 }
+
+#[test]
+fn an_htree_parent_directory_takes_the_new_entry() {
+    let dir = TempDir::new().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("big")).unwrap();
+    for i in 0..3000 {
+        std::fs::write(src.join(format!("big/file-{i:05}")), b"").unwrap();
+    }
+    let img = dir.path().join("fs.img");
+    mke2fs(&img, &src, &["-t", "ext4"]);
+    // Index the big directory the way e2fsck -D does.
+    let out = Command::new("e2fsck")
+        .args(["-fyD", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        Ext4::open(&img)
+            .unwrap()
+            .resolve("/big", false)
+            .unwrap()
+            .flags
+            & 0x1000
+            != 0
+    );
+    inject_bytes(
+        &img,
+        b"agent",
+        "/big/boxlet-guest",
+        &InjectOptions::default(),
+    )
+    .unwrap();
+    e2fsck_clean(&img);
+    let fs = Ext4::open(&img).unwrap();
+    assert_eq!(fs.read("/big/boxlet-guest").unwrap(), b"agent");
+    assert_eq!(fs.read_dir("/big").unwrap().len(), 3001);
+    assert_eq!(fs.read("/big/file-02999").unwrap(), b"");
+}
