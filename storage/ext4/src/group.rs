@@ -17,9 +17,10 @@ pub struct GroupDesc {
     pub flags: u16,
 }
 
-/// Whether group `g` holds a superblock backup (sparse_super: 0, 1, powers of 3, 5, 7).
-fn has_super(sb: &Superblock, g: u64) -> bool {
-    if sb.feature_ro_compat & 0x1 == 0 || g <= 1 {
+/// Whether group `g` is one sparse_super keeps superblock backups in: 0, 1, and the
+/// powers of 3, 5 and 7.
+pub(crate) fn is_backup_group(g: u64) -> bool {
+    if g <= 1 {
         return true;
     }
     [3u64, 5, 7].iter().any(|&p| {
@@ -29,6 +30,11 @@ fn has_super(sb: &Superblock, g: u64) -> bool {
         }
         x == g
     })
+}
+
+/// Whether group `g` holds a superblock backup.
+fn has_super(sb: &Superblock, g: u64) -> bool {
+    sb.feature_ro_compat & 0x1 == 0 || is_backup_group(g)
 }
 
 /// Byte offset of the descriptor of group `g`.
@@ -88,31 +94,36 @@ pub fn read_groups(src: &dyn ReadAt, sb: &Superblock, image_len: u64) -> Result<
     Ok(groups)
 }
 
-fn verify(sb: &Superblock, g: u64, raw: &[u8]) -> Result<()> {
-    let stored = le16(raw, 0x1e);
-    let computed = if sb.has_metadata_csum() {
-        let mut d = raw.to_vec();
-        d[0x1e..0x20].fill(0);
+/// The checksum a group descriptor should carry (crc32c with metadata_csum, crc16 with
+/// gdt_csum), computed as if its checksum field were zero; `None` without either.
+pub(crate) fn desc_csum(sb: &Superblock, g: u64, raw: &[u8]) -> Option<u16> {
+    let mut d = raw.to_vec();
+    d[0x1e..0x20].fill(0);
+    if sb.has_metadata_csum() {
         let crc = crc32c_raw(sb.checksum_seed, &(g as u32).to_le_bytes());
-        (crc32c_raw(crc, &d) & 0xffff) as u16
+        Some((crc32c_raw(crc, &d) & 0xffff) as u16)
     } else if sb.feature_ro_compat & RO_COMPAT_GDT_CSUM != 0 {
         let mut crc = crc16(!0, &sb.uuid);
         crc = crc16(crc, &(g as u32).to_le_bytes());
-        crc = crc16(crc, &raw[..0x1e]);
-        if raw.len() > 0x20 {
-            crc = crc16(crc, &raw[0x20..]);
+        crc = crc16(crc, &d[..0x1e]);
+        if d.len() > 0x20 {
+            crc = crc16(crc, &d[0x20..]);
         }
-        crc
+        Some(crc)
     } else {
-        return Ok(());
-    };
-    if stored != computed {
-        return Err(Corruption::Checksum {
+        None
+    }
+}
+
+fn verify(sb: &Superblock, g: u64, raw: &[u8]) -> Result<()> {
+    let stored = le16(raw, 0x1e);
+    match desc_csum(sb, g, raw) {
+        Some(computed) if computed != stored => Err(Corruption::Checksum {
             what: format!("group descriptor {g}"),
             stored: u32::from(stored),
             computed: u32::from(computed),
         }
-        .into());
+        .into()),
+        _ => Ok(()),
     }
-    Ok(())
 }

@@ -13,12 +13,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::bytes::{le16, le32, lo_hi};
-use crate::csum::{crc16, crc32c_raw};
+use crate::csum::crc32c_raw;
 use crate::encode::{self, InodeRec};
 use crate::error::{corrupt, ErrorKind, Result};
-use crate::group::desc_offset;
+use crate::group::{desc_csum, desc_offset};
 use crate::inode::{FileType, Inode, FLAG_EXTENTS, FLAG_INDEX, ROOT_INO};
-use crate::superblock::{INCOMPAT_EXTENTS, RO_COMPAT_GDT_CSUM, SUPERBLOCK_OFFSET};
+use crate::superblock::{INCOMPAT_EXTENTS, SUPERBLOCK_OFFSET};
 use crate::tree::NodeMeta;
 use crate::{Error, Ext4};
 
@@ -618,48 +618,39 @@ impl<'a> Injector<'a> {
         for g in groups {
             let bs = self.bs;
             let grp = self.groups.get_mut(&g).expect("listed");
-            if let Some(b) = &grp.block_bitmap {
-                let at = lo_hi(&grp.raw, 0x0, is64.then_some(0x20));
+            // (bitmap, location lo/hi, checksum lo/hi, bytes the checksum covers)
+            let parts = [
+                (
+                    grp.block_bitmap.take(),
+                    (0x0, 0x20),
+                    (0x18, 0x38),
+                    sb.blocks_per_group / 8,
+                    "a block bitmap",
+                ),
+                (
+                    grp.inode_bitmap.take(),
+                    (0x4, 0x24),
+                    (0x1a, 0x3a),
+                    sb.inodes_per_group / 8,
+                    "an inode bitmap",
+                ),
+            ];
+            for (bitmap, (lo, hi), (clo, chi), covered, what) in parts {
+                let Some(b) = bitmap else { continue };
+                let at = lo_hi(&grp.raw, lo, is64.then_some(hi));
                 self.file
-                    .write_all_at(b, at * bs)
-                    .map_err(|e| Error::io("writing a block bitmap", e))?;
+                    .write_all_at(&b, at * bs)
+                    .map_err(|e| Error::io(format!("writing {what}"), e))?;
                 if let Some(seed) = self.seed {
-                    let crc = crc32c_raw(seed, &b[..(sb.blocks_per_group / 8) as usize]);
-                    grp.raw[0x18..0x1a].copy_from_slice(&(crc as u16).to_le_bytes());
+                    let crc = crc32c_raw(seed, &b[..covered as usize]);
+                    grp.raw[clo..clo + 2].copy_from_slice(&(crc as u16).to_le_bytes());
                     if is64 {
-                        grp.raw[0x38..0x3a].copy_from_slice(&((crc >> 16) as u16).to_le_bytes());
-                    }
-                }
-            }
-            if let Some(b) = &grp.inode_bitmap {
-                let at = lo_hi(&grp.raw, 0x4, is64.then_some(0x24));
-                self.file
-                    .write_all_at(b, at * bs)
-                    .map_err(|e| Error::io("writing an inode bitmap", e))?;
-                if let Some(seed) = self.seed {
-                    let crc = crc32c_raw(seed, &b[..(sb.inodes_per_group / 8) as usize]);
-                    grp.raw[0x1a..0x1c].copy_from_slice(&(crc as u16).to_le_bytes());
-                    if is64 {
-                        grp.raw[0x3a..0x3c].copy_from_slice(&((crc >> 16) as u16).to_le_bytes());
+                        grp.raw[chi..chi + 2].copy_from_slice(&((crc >> 16) as u16).to_le_bytes());
                     }
                 }
             }
             let raw = &mut grp.raw;
-            raw[0x1e..0x20].fill(0);
-            let csum = if let Some(seed) = self.seed {
-                let crc = crc32c_raw(seed, &(g as u32).to_le_bytes());
-                (crc32c_raw(crc, raw) & 0xffff) as u16
-            } else if sb.feature_ro_compat & RO_COMPAT_GDT_CSUM != 0 {
-                let mut c = crc16(!0, &sb.uuid);
-                c = crc16(c, &(g as u32).to_le_bytes());
-                c = crc16(c, &raw[..0x1e]);
-                if raw.len() > 0x20 {
-                    c = crc16(c, &raw[0x20..]);
-                }
-                c
-            } else {
-                0
-            };
+            let csum = desc_csum(&sb, g, raw).unwrap_or(0);
             raw[0x1e..0x20].copy_from_slice(&csum.to_le_bytes());
             self.file
                 .write_all_at(raw, desc_offset(&sb, g))

@@ -20,6 +20,7 @@ use crate::csum::crc32c_raw;
 use crate::dx;
 use crate::encode::{self, InodeRec};
 use crate::error::{ErrorKind, Result};
+use crate::group::is_backup_group;
 use crate::tree::{FileData, NodeId, NodeKind, NodeMeta, Tree};
 use crate::xattr_write;
 use crate::Error;
@@ -118,19 +119,6 @@ struct Geometry {
     gdt_blocks: u64,
 }
 
-fn has_super(g: u64) -> bool {
-    if g <= 1 {
-        return true;
-    }
-    [3u64, 5, 7].iter().any(|&p| {
-        let mut x = p;
-        while x < g {
-            x *= p;
-        }
-        x == g
-    })
-}
-
 impl Geometry {
     fn new(blocks: u64, inodes: u64) -> Result<Self> {
         let groups = blocks.div_ceil(BPG);
@@ -160,7 +148,7 @@ impl Geometry {
 
     /// Superblock and descriptor copies at the start of the group.
     fn backup_blocks(&self, g: u64) -> u64 {
-        if has_super(g) {
+        if is_backup_group(g) {
             1 + self.gdt_blocks
         } else {
             0
@@ -954,7 +942,7 @@ fn write_metadata(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0) as u32;
-    for g in (0..geo.groups).filter(|&g| has_super(g)) {
+    for g in (0..geo.groups).filter(|&g| is_backup_group(g)) {
         let mut sb = vec![0u8; 1024];
         let put16 =
             |b: &mut [u8], o: usize, v: u64| b[o..o + 2].copy_from_slice(&(v as u16).to_le_bytes());
