@@ -151,7 +151,14 @@ impl Ext4 {
     /// A reader over an inode's data.
     pub fn file_reader(&self, inode: &Inode) -> Result<FileReader<'_>> {
         let data = if inode.is_inline() {
-            Data::Inline(self.inline_data(inode)?)
+            let d = self.inline_data(inode)?;
+            if (d.len() as u64) < inode.size {
+                return Err(corrupt(format!(
+                    "inode {}: inline data shorter than its size",
+                    inode.ino
+                )));
+            }
+            Data::Inline(d)
         } else {
             Data::Mapped(self.extents(inode)?)
         };
@@ -181,7 +188,12 @@ impl Ext4 {
     /// The value of an xattr stored in its own inode (ea_inode).
     pub(crate) fn read_ea_inode(&self, ino: u32, size: u64) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
-        if inode.flags & FLAG_EA_INODE == 0 || inode.size != size {
+        // A value inode holds plain data: not inline (whose data would be xattrs again).
+        if inode.flags & FLAG_EA_INODE == 0
+            || inode.size != size
+            || inode.is_inline()
+            || inode.file_type() != Some(FileType::Regular)
+        {
             return Err(corrupt(format!(
                 "inode {ino} is not an xattr value of {size} bytes"
             )));

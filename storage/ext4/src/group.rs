@@ -26,7 +26,7 @@ pub(crate) fn is_backup_group(g: u64) -> bool {
     [3u64, 5, 7].iter().any(|&p| {
         let mut x = p;
         while x < g {
-            x *= p;
+            x = x.saturating_mul(p);
         }
         x == g
     })
@@ -58,6 +58,16 @@ pub(crate) fn desc_offset(sb: &Superblock, g: u64) -> u64 {
 /// Read and verify every group descriptor.
 pub fn read_groups(src: &dyn ReadAt, sb: &Superblock, image_len: u64) -> Result<Vec<GroupDesc>> {
     let count = sb.group_count();
+    // Every descriptor lies inside the image: refuse counts it cannot hold before any
+    // offset arithmetic.
+    if count.saturating_mul(u64::from(sb.desc_size)) > image_len {
+        return Err(Corruption::OutOfImage {
+            what: "group descriptor table",
+            offset: 0,
+            len: image_len,
+        }
+        .into());
+    }
     let ds = usize::from(sb.desc_size);
     // Every descriptor lies inside the image, so the count is bounded by its length.
     let last = desc_offset(sb, count - 1) + ds as u64;

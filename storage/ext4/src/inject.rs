@@ -398,10 +398,15 @@ impl<'a> Injector<'a> {
         let ino = match existing {
             Some(e) => {
                 let old = self.fs.inode(e.ino)?;
-                if old.file_type() != Some(FileType::Regular) || old.links != 1 || old.file_acl != 0
+                // Only extent-mapped files: their blocks are what is freed below.
+                if old.file_type() != Some(FileType::Regular)
+                    || old.links != 1
+                    || old.file_acl != 0
+                    || old.is_inline()
+                    || !old.has_extents()
                 {
                     return Err(unsupported(
-                        "replacing anything but a regular file with one link and no xattr block",
+                        "replacing anything but an extent-mapped regular file with one link and no xattr block",
                     ));
                 }
                 // Release its blocks, leaf blocks included.
@@ -683,6 +688,9 @@ fn leaf_blocks(fs: &Ext4, inode: &Inode) -> Result<Vec<u64>> {
     let mut out = Vec::new();
     let mut stack = vec![inode.block.to_vec()];
     while let Some(node) = stack.pop() {
+        if le16(&node, 0) != 0xf30a {
+            return Err(corrupt("extent node without its magic"));
+        }
         let depth = le16(&node, 6);
         if depth == 0 {
             continue;

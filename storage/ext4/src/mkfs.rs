@@ -422,7 +422,12 @@ pub fn build_with_layers<'a>(
     while let Some(id) = stack.pop() {
         order.push(id);
         if let NodeKind::Dir(children) = &tree.nodes[id].kind {
-            for (_, &c) in children.iter().rev() {
+            // The image's own lost+found replaces one the tree may bring.
+            for (_, &c) in children
+                .iter()
+                .rev()
+                .filter(|(n, _)| !(id == 0 && n.as_slice() == b"lost+found"))
+            {
                 if matches!(tree.nodes[c].kind, NodeKind::Dir(_)) {
                     if ino[c] != 0 {
                         return Err(invalid("a directory with two names"));
@@ -601,6 +606,9 @@ pub fn build_with_layers<'a>(
                     entries.push((b"lost+found".to_vec(), LOST_FOUND_INO, 2));
                 }
                 for (name, &c) in children {
+                    if id == 0 && name.as_slice() == b"lost+found" {
+                        continue;
+                    }
                     entries.push((name.clone(), ino[c], dirent_type(&tree.nodes[c].kind)));
                 }
                 // More than one block of entries: a hashed index, as the kernel would

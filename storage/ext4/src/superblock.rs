@@ -205,7 +205,8 @@ impl Superblock {
         if sb.first_data_block != u32::from(bs == 1024) {
             return Err(bad(format!("first data block {}", sb.first_data_block)));
         }
-        if sb.blocks_count <= u64::from(sb.first_data_block) {
+        // ext4 addresses at most 2^48 blocks; anything beyond is a lying header.
+        if sb.blocks_count <= u64::from(sb.first_data_block) || sb.blocks_count > 1 << 48 {
             return Err(bad(format!("blocks count {}", sb.blocks_count)));
         }
         let groups = sb.group_count();

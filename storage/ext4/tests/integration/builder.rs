@@ -252,3 +252,21 @@ fn debugfs_extracts_what_was_built() {
         "missing or different {diff:?}, extra {extra:?}"
     );
 }
+
+#[test]
+fn a_tree_with_its_own_lost_and_found_builds_clean() {
+    let dir = TempDir::new().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("lost+found")).unwrap();
+    std::fs::write(src.join("lost+found/stray"), b"x").unwrap();
+    std::fs::write(src.join("kept"), b"y").unwrap();
+    let img = dir.path().join("lf.img");
+    build_file(&Tree::from_dir(&src).unwrap(), &img, &opts()).unwrap();
+    e2fsck_clean(&img);
+    let fs = Ext4::open(&img).unwrap();
+    assert!(
+        fs.read_dir("/lost+found").unwrap().is_empty(),
+        "the image's own lost+found"
+    );
+    assert_eq!(fs.read("/kept").unwrap(), b"y");
+}
