@@ -70,7 +70,11 @@ pub fn inject_bytes(image: &Path, data: &[u8], path: &str, opts: &InjectOptions)
     let reader = file.try_clone().map_err(|e| Error::io("opening", e))?;
     let fs = Ext4::new(Box::new(reader))?;
     let mut inj = Injector::new(&fs, &file)?;
-    inj.run(data, path, opts).map_err(|e| e.with_path(path))?;
+    if let Err(e) = inj.run(data, path, opts) {
+        // Nothing of a failed injection stays in the image.
+        inj.rollback()?;
+        return Err(e.with_path(path));
+    }
     inj.commit()?;
     file.sync_all()
         .map_err(|e| Error::io("syncing the image", e))
@@ -92,6 +96,7 @@ struct Injector<'a> {
     free_inodes_delta: i64,
     /// Directory blocks and other metadata written as we go.
     now: i64,
+    undo: std::cell::RefCell<Vec<(u64, Vec<u8>)>>,
 }
 
 impl<'a> Injector<'a> {
@@ -118,13 +123,33 @@ impl<'a> Injector<'a> {
             free_blocks_delta: 0,
             free_inodes_delta: 0,
             now,
+            undo: Default::default(),
         })
     }
 
+    /// Write, keeping the bytes overwritten so that a failed injection can be undone.
     fn write(&self, what: &str, off: u64, data: &[u8]) -> Result<()> {
+        let mut old = vec![0u8; data.len()];
+        self.file
+            .read_exact_at(&mut old, off)
+            .map_err(|e| Error::io(format!("reading {what}"), e))?;
+        self.undo.borrow_mut().push((off, old));
         self.file
             .write_all_at(data, off)
             .map_err(|e| Error::io(format!("writing {what}"), e))
+    }
+
+    /// Put back everything written so far, newest first (bitmaps, descriptors and the
+    /// superblock are only written by `commit`, so they were never touched).
+    fn rollback(&self) -> Result<()> {
+        for (off, old) in self.undo.borrow_mut().drain(..).rev() {
+            self.file
+                .write_all_at(&old, off)
+                .map_err(|e| Error::io("undoing a failed injection", e))?;
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("undoing a failed injection", e))
     }
 
     fn group(&mut self, g: u64) -> Result<&mut Group> {

@@ -215,3 +215,23 @@ fn an_htree_parent_directory_takes_the_new_entry() {
     assert_eq!(fs.read_dir("/big").unwrap().len(), 3001);
     assert_eq!(fs.read("/big/file-02999").unwrap(), b"");
 }
+
+#[test]
+fn a_failed_injection_leaves_the_image_as_it_was() {
+    let dir = TempDir::new().unwrap();
+    let src = source(dir.path());
+    let img = dir.path().join("fs.img");
+    mke2fs(&img, &src, &["-t", "ext4"]);
+    let before = std::fs::read(&img).unwrap();
+    // Far more data than the 32 MiB image has room for, under a new directory.
+    let e = inject_bytes(
+        &img,
+        &vec![1u8; 40 << 20],
+        "/new/dir/huge",
+        &InjectOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::Unsupported(_)), "{e}");
+    assert!(std::fs::read(&img).unwrap() == before, "image unchanged");
+    e2fsck_clean(&img);
+}
