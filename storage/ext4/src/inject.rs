@@ -110,6 +110,11 @@ impl<'a> Injector<'a> {
         if sb.feature_ro_compat & 0x200 != 0 {
             return Err(unsupported("injecting into a bigalloc image"));
         }
+        if sb.feature_incompat & crate::superblock::INCOMPAT_FILETYPE == 0 {
+            return Err(unsupported(
+                "injecting into an image without the filetype feature",
+            ));
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)

@@ -51,6 +51,8 @@ pub struct LayerStack {
     limits: LayerLimits,
     total: u64,
     layers: usize,
+    /// Hard links made (names without a node of their own).
+    links: usize,
 }
 
 fn hostile(layer: &str, entry: &str, why: impl std::fmt::Display) -> Error {
@@ -79,6 +81,7 @@ fn components(path: &[u8]) -> std::result::Result<Vec<Vec<u8>>, &'static str> {
             b"" | b"." => {}
             b".." => return Err("\"..\" in a path"),
             c if c.len() > 255 => return Err("a name longer than 255 bytes"),
+            c if c.contains(&0) => return Err("a NUL byte in a name"),
             c => out.push(c.to_vec()),
         }
     }
@@ -93,6 +96,7 @@ impl LayerStack {
             limits,
             total: 0,
             layers: 0,
+            links: 0,
         })
     }
 
@@ -192,6 +196,14 @@ impl LayerStack {
             .map_err(|e| Error::io(format!("layer {layer}"), e))?;
         let index = self.layers;
         for (ordinal, entry) in entries.enumerate() {
+            // Every change below (names, implicit directories, links) counts.
+            if self.tree.nodes.len() + self.links > self.limits.max_entries {
+                return Err(hostile(
+                    layer,
+                    "(any)",
+                    format!("more than {} entries", self.limits.max_entries),
+                ));
+            }
             let mut entry = entry
                 .map_err(|e| Error::io(format!("layer {layer}: reading the tar stream"), e))?;
             let raw_path = entry.path_bytes().into_owned();
@@ -250,6 +262,7 @@ impl LayerStack {
                     })?;
                 self.remove(dir, name);
                 self.tree.link(dir, name, target)?;
+                self.links += 1;
                 seen.touched.insert(target);
                 continue;
             }
@@ -271,7 +284,7 @@ impl LayerStack {
                     let t = entry
                         .link_name_bytes()
                         .ok_or_else(|| hostile(layer, &shown, "a symlink without a target"))?;
-                    if t.is_empty() || t.len() >= 4096 {
+                    if t.is_empty() || t.len() >= 4096 || t.contains(&0) {
                         return Err(hostile(
                             layer,
                             &shown,

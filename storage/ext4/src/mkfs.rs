@@ -485,6 +485,8 @@ pub fn build_with_layers<'a>(
     let inodes = (inodes_used * (100 + opts.headroom_percent) / 100).max(inodes_used + 16);
     let want = data_blocks * (100 + opts.headroom_percent) / 100 + 16;
     let min = opts.size.map(|s| s / BS);
+    // Enough groups for the inodes too (at most 32768 per group).
+    let want = want.max((inodes.div_ceil(BS * 8) - 1) * BPG + 1);
     let mut blocks = min.unwrap_or(want).max(want);
     let mut rounds = 0;
     let geo = loop {

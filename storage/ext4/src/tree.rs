@@ -134,6 +134,7 @@ impl Tree {
         if name.is_empty()
             || name.len() > 255
             || name.contains(&b'/')
+            || name.contains(&0)
             || name == b"."
             || name == b".."
         {

@@ -270,3 +270,34 @@ fn a_tree_with_its_own_lost_and_found_builds_clean() {
     );
     assert_eq!(fs.read("/kept").unwrap(), b"y");
 }
+
+#[test]
+fn more_inodes_than_one_group_holds_get_more_groups() {
+    let mut tree = Tree::default();
+    for i in 0..40_000 {
+        let node = boxlet_ext4::Node {
+            kind: boxlet_ext4::NodeKind::Fifo,
+            meta: boxlet_ext4::NodeMeta {
+                mode: 0o644,
+                ..Default::default()
+            },
+        };
+        tree.add(0, format!("p{i}").as_bytes(), node).unwrap();
+    }
+    let dir = TempDir::new().unwrap();
+    let img = dir.path().join("inodes.img");
+    build_file(
+        &tree,
+        &img,
+        &BuildOptions {
+            journal: false,
+            ..opts()
+        },
+    )
+    .unwrap();
+    e2fsck_clean(&img);
+    assert_eq!(
+        Ext4::open(&img).unwrap().read_dir("/").unwrap().len(),
+        40_001
+    );
+}

@@ -322,3 +322,35 @@ fn a_layer_that_changes_between_the_two_reads_is_refused() {
     );
     assert!(!img.exists());
 }
+
+#[test]
+fn a_nul_byte_in_a_pax_path_is_refused() {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("path", &b"etc/a\0b"[..])])
+        .unwrap();
+    let h = Layer::header("placeholder", tar::EntryType::Regular, 0o644, 1);
+    b.append(&h, &b"x"[..]).unwrap();
+    let layer = b.into_inner().unwrap();
+    let mut stack = LayerStack::new(LayerLimits::default()).unwrap();
+    let e = stack.apply("nul", &layer[..]).unwrap_err();
+    assert!(e.to_string().contains("NUL"), "{e}");
+}
+
+#[test]
+fn hard_links_count_against_the_entry_limit() {
+    let l = (0..30)
+        .fold(Layer::new().file("f", b"x", 0o644), |l, i| {
+            l.link(&format!("l{i}"), tar::EntryType::Link, "f")
+        })
+        .bytes();
+    let mut stack = LayerStack::new(LayerLimits {
+        max_entries: 20,
+        ..LayerLimits::default()
+    })
+    .unwrap();
+    assert!(stack
+        .apply("links", &l[..])
+        .unwrap_err()
+        .to_string()
+        .contains("more than 20 entries"));
+}
