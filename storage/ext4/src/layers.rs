@@ -230,7 +230,11 @@ impl LayerStack {
                     self.make_opaque(dir, &seen);
                 } else if target.is_empty() || target == b"." || target == b".." {
                     return Err(hostile(layer, &shown, "a whiteout of . or .."));
-                } else {
+                } else if self
+                    .child(dir, target)
+                    .is_none_or(|id| !seen.fresh.contains(&id))
+                {
+                    // A whiteout hides lower layers only, not what this layer added.
                     self.remove(dir, target);
                 }
                 continue;

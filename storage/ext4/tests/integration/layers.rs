@@ -354,3 +354,35 @@ fn hard_links_count_against_the_entry_limit() {
         .to_string()
         .contains("more than 20 entries"));
 }
+
+#[test]
+fn a_whiteout_hides_lower_layers_only() {
+    let l1 = Layer::new()
+        .file("a", b"lower", 0o644)
+        .file("b", b"lower", 0o644)
+        .bytes();
+    // Layer 2 adds c, then (in the same layer) whiteouts for a and c.
+    let l2 = Layer::new()
+        .file("c", b"same layer", 0o644)
+        .file(".wh.a", b"", 0o644)
+        .file(".wh.c", b"", 0o644)
+        .bytes();
+    let mut stack = LayerStack::new(LayerLimits::default()).unwrap();
+    stack.apply("l1", &l1[..]).unwrap();
+    stack.apply("l2", &l2[..]).unwrap();
+    let blobs = [l1, l2];
+    let tree = stack.into_tree();
+    let dir = TempDir::new().unwrap();
+    let img = dir.path().join("w.img");
+    let mut open = |i: usize| Ok(Box::new(&blobs[i][..]) as Box<dyn std::io::Read + '_>);
+    build_file_with_layers(&tree, &img, &BuildOptions::default(), &mut open).unwrap();
+    let fs = Ext4::open(&img).unwrap();
+    let mut names: Vec<String> = fs
+        .read_dir("/")
+        .unwrap()
+        .iter()
+        .map(|e| e.name_lossy())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["b", "c", "lost+found"]);
+}
