@@ -477,9 +477,10 @@ pub fn build_with_layers<'a>(
             data_blocks += 1;
         }
     }
-    if opts.journal {
-        // Sized for the data alone; the geometry loop below does not resize it.
-        data_blocks += journal_blocks(data_blocks) + 1;
+    // Sized for the data alone, once: the space reserved here is the space allocated below.
+    let journal_len = opts.journal.then(|| journal_blocks(data_blocks));
+    if let Some(len) = journal_len {
+        data_blocks += len + 1;
     }
     let inodes_used = u64::from(next - 1);
     let inodes = (inodes_used * (100 + opts.headroom_percent) / 100).max(inodes_used + 16);
@@ -528,8 +529,7 @@ pub fn build_with_layers<'a>(
     let mut recs: Vec<(u32, InodeRec)> = Vec::with_capacity(n + 1);
     let mut dirs_per_group = vec![0u64; geo.groups as usize];
 
-    if opts.journal {
-        let len = journal_blocks(data_blocks);
+    if let Some(len) = journal_len {
         let mut ext = Extents::default();
         for k in 0..len {
             ext.push(k, alloc.one()?);

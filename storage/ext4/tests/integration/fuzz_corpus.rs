@@ -17,8 +17,8 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-#[test]
-fn ext4_reader_corpus() {
+/// The repository root, and a directory holding the seeds `make-corpus.sh` writes.
+fn make_seeds() -> (std::path::PathBuf, tempfile::TempDir) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let seeds = tempfile::TempDir::new().unwrap();
     let status = Command::new("bash")
@@ -27,6 +27,12 @@ fn ext4_reader_corpus() {
         .status()
         .expect("run make-corpus.sh");
     assert!(status.success(), "make-corpus.sh failed");
+    (root, seeds)
+}
+
+#[test]
+fn ext4_reader_corpus() {
+    let (root, seeds) = make_seeds();
     let generated = files(&seeds.path().join("ext4_reader"));
     assert!(
         generated.len() >= 7,
@@ -52,14 +58,7 @@ fn ext4_reader_corpus() {
 
 #[test]
 fn ext4_layers_corpus() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let seeds = tempfile::TempDir::new().unwrap();
-    let status = Command::new("bash")
-        .arg(root.join("fixtures/ext4/make-corpus.sh"))
-        .arg(seeds.path())
-        .status()
-        .expect("run make-corpus.sh");
-    assert!(status.success());
+    let (root, seeds) = make_seeds();
     let generated = files(&seeds.path().join("ext4_layers"));
     assert_eq!(generated.len(), 3, "make-corpus.sh layer seeds");
     let mut all = generated;
