@@ -45,10 +45,11 @@ pub fn parse_entries(
     out: &mut Vec<DirEntry>,
 ) -> Result<()> {
     let filetype = fs.superblock().feature_incompat & INCOMPAT_FILETYPE != 0;
+    let bs = fs.superblock().block_size() as usize;
     let mut off = 0usize;
     while off + 8 <= data.len() {
         let ino = le32(data, off);
-        let rec_len = usize::from(le16(data, off + 4));
+        let rec_len = crate::encode::rec_len_from_disk(le16(data, off + 4), bs);
         let (name_len, file_type) = if filetype {
             (usize::from(data[off + 6]), data[off + 7])
         } else {

@@ -540,7 +540,7 @@ impl<'a> Injector<'a> {
                 let mut block = self.fs.read_block(nr)?;
                 let mut off = 0;
                 while off + 8 <= usable {
-                    let rec_len = usize::from(le16(&block, off + 4));
+                    let rec_len = encode::rec_len_from_disk(le16(&block, off + 4), bs);
                     if rec_len < 8 || off + rec_len > usable {
                         break;
                     }
@@ -552,11 +552,13 @@ impl<'a> Injector<'a> {
                     if rec_len - used >= need {
                         let at = off + used;
                         if used > 0 {
-                            block[off + 4..off + 6].copy_from_slice(&(used as u16).to_le_bytes());
+                            block[off + 4..off + 6]
+                                .copy_from_slice(&encode::rec_len_to_disk(used, bs));
                         }
                         let new_len = rec_len - used;
                         block[at..at + 4].copy_from_slice(&ino.to_le_bytes());
-                        block[at + 4..at + 6].copy_from_slice(&(new_len as u16).to_le_bytes());
+                        block[at + 4..at + 6]
+                            .copy_from_slice(&encode::rec_len_to_disk(new_len, bs));
                         block[at + 6] = name.len() as u8;
                         block[at + 7] = ty;
                         block[at + 8..at + 8 + name.len()].copy_from_slice(name);

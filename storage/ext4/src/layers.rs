@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 
 use crate::error::{ErrorKind, Result};
+use crate::targuard::TarGuard;
 use crate::tree::{FileData, Node, NodeId, NodeKind, NodeMeta, Tree};
 use crate::Error;
 
@@ -59,18 +60,23 @@ fn hostile(layer: &str, entry: &str, why: impl std::fmt::Display) -> Error {
     ErrorKind::InvalidInput(format!("layer {layer}: entry {entry:?}: {why}")).into()
 }
 
-/// Wrap `r` in the decompressor its first bytes call for (gzip, zstd, or none).
+/// The largest tar metadata record (long name, PAX header) a layer may carry.
+const MAX_TAR_RECORD: u64 = 1 << 20;
+
+/// The tar stream of a layer: `r` through the decompressor its first bytes call for
+/// (gzip, zstd, or none), with metadata records capped (see [`TarGuard`]).
 pub(crate) fn decompress<'a>(r: impl Read + 'a) -> std::io::Result<Box<dyn Read + 'a>> {
     let mut r = BufReader::new(r);
     let head = r.fill_buf()?;
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+    let tar: Box<dyn Read + 'a> = if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(r))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         let d = ruzstd::decoding::StreamingDecoder::new(r).map_err(std::io::Error::other)?;
         Box::new(d)
     } else {
         Box::new(r)
-    })
+    };
+    Ok(Box::new(TarGuard::new(tar, MAX_TAR_RECORD)))
 }
 
 /// Path components of a layer entry, or why they are refused.
@@ -301,6 +307,13 @@ impl LayerStack {
                     let h = entry.header();
                     let major = h.device_major().ok().flatten().unwrap_or(0);
                     let minor = h.device_minor().ok().flatten().unwrap_or(0);
+                    if major > 0xfff || minor > 0xf_ffff {
+                        return Err(hostile(
+                            layer,
+                            &shown,
+                            format!("device {major}:{minor} (Linux has 12-bit majors and 20-bit minors)"),
+                        ));
+                    }
                     if k.is_character_special() {
                         NodeKind::CharDevice(major, minor)
                     } else {
@@ -376,7 +389,21 @@ fn meta_of<R: Read>(entry: &mut tar::Entry<'_, R>, layer: &str, shown: &str) -> 
         for ext in exts.flatten() {
             if let (Ok(key), value) = (ext.key(), ext.value_bytes()) {
                 if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                    xattrs.push((name.to_owned(), value.to_vec()));
+                    // Namespaces ext4 cannot hold (no Linux file has them) are dropped;
+                    // a malformed ACL is refused.
+                    match crate::xattr_write::split_name(name) {
+                        Ok((index, _)) => {
+                            crate::xattr_write::disk_value(index, value)
+                                .map_err(|e| hostile(layer, shown, e))?;
+                            xattrs.push((name.to_owned(), value.to_vec()));
+                        }
+                        Err(_) => tracing::warn!(
+                            layer,
+                            entry = shown,
+                            xattr = name,
+                            "extended attribute dropped: ext4 has no such namespace"
+                        ),
+                    }
                 }
             }
         }

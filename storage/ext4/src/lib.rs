@@ -9,6 +9,7 @@
 //! The on-disk layout it reads is summarized in `docs/ext4.md`.
 #![forbid(unsafe_code)]
 
+mod acl;
 mod bytes;
 mod csum;
 mod dir;
@@ -26,6 +27,7 @@ mod metadata;
 mod mkfs;
 mod source;
 pub mod superblock;
+mod targuard;
 mod tree;
 mod xattr;
 mod xattr_write;

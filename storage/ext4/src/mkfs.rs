@@ -33,8 +33,10 @@ const DESC_SIZE: u64 = 64;
 const FIRST_INO: u32 = 11;
 const LOST_FOUND_INO: u32 = 11;
 const MAX_EXTENT_LEN: u64 = 32768;
-/// Entries in one extent leaf block: (4096 - 12 header - 4 tail) / 12.
-const LEAF_ENTRIES: usize = 340;
+/// The most links an inode may have (`EXT4_LINK_MAX`).
+const LINK_MAX: u32 = 65000;
+/// The largest image the builder makes (its block map takes 1 bit per block in memory).
+const MAX_IMAGE_BYTES: u64 = 1 << 42;
 
 /// How to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +123,13 @@ struct Geometry {
 
 impl Geometry {
     fn new(blocks: u64, inodes: u64) -> Result<Self> {
+        if blocks > MAX_IMAGE_BYTES / BS {
+            return Err(invalid(format!(
+                "an image of {} bytes: the builder makes images of at most {} bytes (4 TiB)",
+                blocks.saturating_mul(BS),
+                MAX_IMAGE_BYTES
+            )));
+        }
         let groups = blocks.div_ceil(BPG);
         let per_itable_block = BS / INODE_SIZE;
         let ipg = inodes.div_ceil(groups).div_ceil(per_itable_block) * per_itable_block;
@@ -448,8 +457,16 @@ pub fn build_with_layers<'a>(
         }
     }
     links[0] += 1; // lost+found
-    if links.iter().any(|&l| l > u32::from(u16::MAX)) {
-        return Err(invalid("more than 65535 links to one inode"));
+    for (id, l) in links.iter_mut().enumerate() {
+        if *l > LINK_MAX {
+            if !matches!(tree.nodes[id].kind, NodeKind::Dir(_)) {
+                return Err(invalid(format!(
+                    "{l} hard links to one file (ext4 allows {LINK_MAX})"
+                )));
+            }
+            // dir_nlink: a directory with too many subdirectories counts 1.
+            *l = 1;
+        }
     }
 
     // Size the image.
@@ -459,11 +476,15 @@ pub fn build_with_layers<'a>(
         data_blocks += match &node.kind {
             NodeKind::File(d) => {
                 let b = d.size().div_ceil(BS);
-                b + if b > 4 * MAX_EXTENT_LEN / 2 {
-                    b.div_ceil(LEAF_ENTRIES as u64 * MAX_EXTENT_LEN / 2)
-                } else {
-                    0
+                if b > 1 << 32 {
+                    return Err(invalid(format!(
+                        "a file of {} bytes: ext4 files end at 16 TiB",
+                        d.size()
+                    )));
                 }
+                // Holes may split a file into an extent per data block (every other
+                // block at worst), plus a split at each group crossed.
+                b + encode::extent_tree_blocks(b.div_ceil(2) + b / BPG + 2, BS)
             }
             NodeKind::Dir(children) => {
                 let mut names: Vec<&[u8]> = vec![b".", b".."];
@@ -656,6 +677,12 @@ pub fn build_with_layers<'a>(
                 }
             }
             NodeKind::CharDevice(major, minor) | NodeKind::BlockDevice(major, minor) => {
+                if *major > 0xfff || *minor > 0xf_ffff {
+                    return Err(invalid(format!(
+                        "inode {i}: device {major}:{minor} (Linux has 12-bit majors and \
+                         20-bit minors)"
+                    )));
+                }
                 if *major < 256 && *minor < 256 {
                     rec.iblock[0..4].copy_from_slice(&((major << 8) | minor).to_le_bytes());
                 } else {

@@ -11,6 +11,8 @@ use crate::inode::Inode;
 const XATTR_MAGIC: u32 = 0xea02_0000;
 /// Largest value the reader accepts (the kernel's limit is 64 KiB).
 const MAX_VALUE: u32 = 1 << 16;
+/// Largest sum of one inode's values (many entries may name one large value inode).
+const MAX_TOTAL: usize = 16 << 20;
 
 /// One extended attribute.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +102,7 @@ fn parse_entries(
     out: &mut Vec<Xattr>,
 ) -> Result<()> {
     let mut off = start;
+    let mut total: usize = out.iter().map(|x| x.value.len()).sum();
     while off + 4 <= table.len() && le32(table, off) != 0 {
         if off + 16 > table.len() {
             return Err(xerr(inode.ino, "entry runs past the end of its area"));
@@ -134,6 +137,18 @@ fn parse_entries(
                 .ok_or_else(|| xerr(inode.ino, format!("{name}: value outside its area")))?
                 .to_vec()
         };
+        let value = if index == 2 || index == 3 {
+            crate::acl::from_disk(&value).map_err(|e| xerr(inode.ino, format!("{name}: {e}")))?
+        } else {
+            value
+        };
+        total += value.len();
+        if total > MAX_TOTAL {
+            return Err(xerr(
+                inode.ino,
+                format!("values of more than {MAX_TOTAL} bytes in all"),
+            ));
+        }
         out.push(Xattr { name, value });
         off = (name_end + 3) & !3;
     }

@@ -9,7 +9,12 @@ pub const XATTR_MAGIC: u32 = 0xea02_0000;
 
 /// Split a full name into ext4's name index and the stored suffix.
 pub fn split_name(name: &str) -> Result<(u8, &str)> {
-    // POSIX ACLs are stored by ext4 in its own binary format, not the VFS one.
+    // POSIX ACLs have indexes of their own and an empty stored name.
+    match name {
+        "system.posix_acl_access" => return Ok((2, "")),
+        "system.posix_acl_default" => return Ok((3, "")),
+        _ => {}
+    }
     for (prefix, index) in [
         ("user.", 1u8),
         ("trusted.", 4),
@@ -17,9 +22,6 @@ pub fn split_name(name: &str) -> Result<(u8, &str)> {
         ("system.", 7),
     ] {
         if let Some(rest) = name.strip_prefix(prefix) {
-            if index == 7 && rest.starts_with("posix_acl_") {
-                break;
-            }
             if rest.is_empty() || rest.len() > 255 {
                 break;
             }
@@ -27,6 +29,14 @@ pub fn split_name(name: &str) -> Result<(u8, &str)> {
         }
     }
     Err(ErrorKind::Unsupported(format!("extended attribute {name:?}")).into())
+}
+
+/// The stored form of a value: POSIX ACLs in ext4's own format, the rest as given.
+pub fn disk_value(index: u8, value: &[u8]) -> Result<Vec<u8>> {
+    match index {
+        2 | 3 => crate::acl::to_disk(value),
+        _ => Ok(value.to_vec()),
+    }
 }
 
 /// The hash of one entry (`ext2fs_ext_attr_hash_entry`).
@@ -58,11 +68,12 @@ pub fn encode(xattrs: &[(String, Vec<u8>)]) -> Result<Vec<Encoded>> {
     let mut v = Vec::with_capacity(xattrs.len());
     for (name, value) in xattrs {
         let (index, rest) = split_name(name)?;
+        let value = disk_value(index, value)?;
         v.push(Encoded {
             index,
             name: rest.as_bytes().to_vec(),
-            value: value.clone(),
-            hash: entry_hash(rest.as_bytes(), value),
+            hash: entry_hash(rest.as_bytes(), &value),
+            value,
         });
     }
     v.sort_by(|a, b| (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name)));

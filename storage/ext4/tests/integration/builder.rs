@@ -88,10 +88,10 @@ fn fragmented_files_get_an_extent_tree_and_holes_stay_holes() {
     let dir = TempDir::new().unwrap();
     let src = dir.path().join("src");
     std::fs::create_dir(&src).unwrap();
-    // 3000 data blocks separated by holes: 3000 extents, 9 leaf blocks would be too many
-    // for one level, so keep it at 1200 (4 leaves).
-    let mut data = vec![0u8; 2400 * 4096];
-    for b in (0..2400).step_by(2) {
+    // 3000 data blocks separated by holes: 3000 extents in 9 leaves, more than the 4
+    // the inode can point at, so an index block above them (a tree of depth 2).
+    let mut data = vec![0u8; 6000 * 4096];
+    for b in (0..6000).step_by(2) {
         data[b * 4096..b * 4096 + 10].copy_from_slice(b"0123456789");
     }
     std::fs::write(src.join("frag"), &data).unwrap();
@@ -101,13 +101,100 @@ fn fragmented_files_get_an_extent_tree_and_holes_stay_holes() {
     e2fsck_clean(&img);
     let fs = Ext4::open(&img).unwrap();
     let inode = fs.resolve("/frag", false).unwrap();
-    assert_eq!(fs.extents(&inode).unwrap().len(), 1200);
+    assert_eq!(fs.extents(&inode).unwrap().len(), 3000);
+    // The root's header: depth 2.
+    assert_eq!(u16::from_le_bytes([inode.block[6], inode.block[7]]), 2);
     assert_eq!(
         inode.blocks,
-        (1200 + 4) * 8,
-        "data blocks and 4 leaf blocks, no hole blocks"
+        (3000 + 9 + 1) * 8,
+        "data blocks, 9 leaves and an index block, no hole blocks"
     );
     assert_eq!(fs.read("/frag").unwrap(), data);
+}
+
+#[test]
+fn limits_of_the_format_give_clear_errors() {
+    let dir = TempDir::new().unwrap();
+    let e = build_file(
+        &Tree::default(),
+        &dir.path().join("huge.img"),
+        &BuildOptions {
+            size: Some(8 << 40),
+            ..opts()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+    let mut tree = Tree::default();
+    tree.add(
+        0,
+        b"dev",
+        boxlet_ext4::Node {
+            kind: boxlet_ext4::NodeKind::CharDevice(1 << 12, 1),
+            meta: Default::default(),
+        },
+    )
+    .unwrap();
+    let e = build_file(&tree, &dir.path().join("dev.img"), &opts()).unwrap_err();
+    assert!(e.to_string().contains("device 4096:1"), "{e}");
+    let mut tree = Tree::default();
+    tree.add(
+        0,
+        b"big",
+        boxlet_ext4::Node {
+            kind: boxlet_ext4::NodeKind::File(boxlet_ext4::FileData::Layer {
+                layer: 0,
+                entry: 0,
+                size: 17 << 40,
+            }),
+            meta: Default::default(),
+        },
+    )
+    .unwrap();
+    let e = build_file(&tree, &dir.path().join("big.img"), &opts()).unwrap_err();
+    assert!(e.to_string().contains("16 TiB"), "{e}");
+}
+
+/// More subdirectories than a link count holds: ext4 (dir_nlink) counts such a
+/// directory as 1, as the kernel and e2fsck do.
+#[test]
+fn a_directory_with_65001_subdirectories() {
+    let mut tree = Tree::default();
+    let parent = tree
+        .add(
+            0,
+            b"wide",
+            boxlet_ext4::Node {
+                kind: boxlet_ext4::NodeKind::Dir(Default::default()),
+                meta: boxlet_ext4::NodeMeta {
+                    mode: 0o755,
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+    for i in 0..65_001u32 {
+        tree.add(
+            parent,
+            format!("d{i}").as_bytes(),
+            boxlet_ext4::Node {
+                kind: boxlet_ext4::NodeKind::Dir(Default::default()),
+                meta: boxlet_ext4::NodeMeta {
+                    mode: 0o755,
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+    }
+    let dir = TempDir::new().unwrap();
+    let img = dir.path().join("wide.img");
+    build_file(&tree, &img, &opts()).unwrap();
+    e2fsck_clean(&img);
+    let fs = Ext4::open(&img).unwrap();
+    assert_eq!(fs.resolve("/wide", false).unwrap().links, 1);
+    assert_eq!(fs.resolve("/", false).unwrap().links, 4);
+    assert_eq!(fs.read_dir("/wide").unwrap().len(), 65_001);
 }
 
 #[test]

@@ -55,6 +55,11 @@ fn inject_into_mke2fs_and_built_images() {
             &["-t", "ext4", "-O", "^metadata_csum,uninit_bg"],
         ),
         ("ext4 ^64bit", &["-t", "ext4", "-O", "^64bit"]),
+        // Entries spanning a 64 KiB block store rec_len 65535; splitting one re-encodes.
+        (
+            "ext4 64 KiB blocks",
+            &["-t", "ext4", "-b", "65536", "-O", "^metadata_csum"],
+        ),
     ];
     let mut images = Vec::new();
     for (name, args) in variants {

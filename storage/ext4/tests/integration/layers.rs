@@ -386,3 +386,105 @@ fn a_whiteout_hides_lower_layers_only() {
     names.sort();
     assert_eq!(names, ["b", "c", "lost+found"]);
 }
+
+#[test]
+fn a_gzip_bomb_in_a_long_name_record_is_refused_before_it_is_buffered() {
+    // A GNU long-name record claiming 4 GiB of zeros: a few MB of gzip. The tar crate
+    // would read the whole record into memory; the layer reader refuses it first.
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(4 << 30);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(h.as_bytes()).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        e.write_all(&zeros).unwrap();
+    }
+    let layer = e.finish().unwrap();
+    let mut stack = LayerStack::new(LayerLimits::default()).unwrap();
+    let msg = stack
+        .apply("sha256:bomb", &layer[..])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("sha256:bomb") && msg.contains("long name record of 4294967296 bytes"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn device_numbers_beyond_linux_are_refused_and_acls_are_kept() {
+    refused(
+        Layer::new()
+            .special("dev/big", tar::EntryType::Char, 5000, 1)
+            .bytes(),
+        "device 5000:1",
+    );
+    // A malformed ACL value is refused; an attribute in a namespace ext4 has not is
+    // dropped; a valid ACL is stored in ext4's format and read back in the VFS one.
+    refused(
+        Layer::new()
+            .xattr_file("f", b"x", "system.posix_acl_access", b"\x02\0\0\0\x01")
+            .bytes(),
+        "POSIX ACL",
+    );
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [(1u16, 6u16, u32::MAX), (2, 4, 1000), (4, 4, u32::MAX)] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    for (tag, perm) in [(0x10u16, 6u16), (0x20, 4)] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    let layer = Layer::new()
+        .xattr_file("acl", b"x", "system.posix_acl_access", &acl)
+        .xattr_file("odd", b"y", "weird.namespace", b"v")
+        .bytes();
+    let mut stack = LayerStack::new(LayerLimits::default()).unwrap();
+    stack.apply("acls", &layer[..]).unwrap();
+    let tree = stack.into_tree();
+    let dir = TempDir::new().unwrap();
+    let img = dir.path().join("acl.img");
+    let mut open = |_| Ok(Box::new(&layer[..]) as Box<dyn std::io::Read + '_>);
+    build_file_with_layers(&tree, &img, &BuildOptions::default(), &mut open).unwrap();
+    e2fsck_clean(&img);
+    let fs = Ext4::open(&img).unwrap();
+    let x = boxlet_ext4::xattrs(&fs, &fs.resolve("/acl", false).unwrap()).unwrap();
+    assert_eq!(x.len(), 1);
+    assert_eq!(x[0].name, "system.posix_acl_access");
+    assert_eq!(x[0].value, acl);
+    assert!(
+        boxlet_ext4::xattrs(&fs, &fs.resolve("/odd", false).unwrap())
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(fs.read("/odd").unwrap(), b"y");
+    if crate::tree::unsafe_free_is_root() {
+        // The kernel reads the ACL (it gives it back in the VFS format).
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-o",
+                "loop,ro",
+                img.to_str().unwrap(),
+                mnt.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount");
+        let got = xattr::get(mnt.join("acl"), "system.posix_acl_access");
+        std::process::Command::new("umount")
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert_eq!(got.unwrap().unwrap(), acl);
+    }
+}
