@@ -89,7 +89,7 @@ impl<R: Read> TarGuard<R> {
             if h[504] != 0 {
                 self.next = start;
             } else {
-                self.next = start + round_up(size)?;
+                self.next = advance(start, size)?;
                 self.expect = Expect::Header;
             }
             return Ok(());
@@ -145,7 +145,7 @@ impl<R: Read> TarGuard<R> {
                 }
             }
         }
-        self.next = start + round_up(size)?;
+        self.next = advance(start, size)?;
         Ok(())
     }
 }
@@ -158,9 +158,10 @@ impl<R: Read> Read for TarGuard<R> {
     }
 }
 
-fn round_up(size: u64) -> io::Result<u64> {
+/// Where the next header is: after `size` bytes of data from `start`, in whole blocks.
+fn advance(start: u64, size: u64) -> io::Result<u64> {
     size.checked_add(BLOCK - 1)
-        .map(|s| s & !(BLOCK - 1))
+        .and_then(|s| start.checked_add(s & !(BLOCK - 1)))
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "tar member size overflows"))
 }
 
