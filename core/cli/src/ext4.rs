@@ -40,6 +40,9 @@ pub enum Ext4Command {
         /// Leave out the journal.
         #[arg(long)]
         no_journal: bool,
+        /// Put this boxlet's guest agent at /boxlet/bin/boxlet-guest.
+        #[arg(long)]
+        agent: bool,
     },
     /// Add or replace one host file at PATH inside the image (parents created).
     Inject {
@@ -95,7 +98,18 @@ pub fn run(cmd: Ext4Command) -> Result<ExitCode> {
             layer,
             size,
             no_journal,
-        } => build(&out, dir.as_deref(), &layer, size, !no_journal),
+            agent,
+        } => {
+            let agent = agent.then(crate::agent::find).transpose()?;
+            build(
+                &out,
+                dir.as_deref(),
+                &layer,
+                size,
+                !no_journal,
+                agent.as_deref(),
+            )
+        }
     }
 }
 
@@ -252,8 +266,9 @@ fn build(
     layers: &[PathBuf],
     size: Option<u64>,
     journal: bool,
+    agent: Option<&Path>,
 ) -> Result<ExitCode> {
-    let tree = match dir {
+    let mut tree = match dir {
         Some(dir) => boxlet_ext4::Tree::from_dir(dir).with_context(|| dir.display().to_string())?,
         None => {
             let mut stack = boxlet_ext4::LayerStack::new(boxlet_ext4::LayerLimits::default())?;
@@ -265,6 +280,24 @@ fn build(
             stack.into_tree()
         }
     };
+    if let Some(agent) = agent {
+        // In the tree, so the image is sized for it.
+        let size = std::fs::metadata(agent)
+            .with_context(|| agent.display().to_string())?
+            .len();
+        let node = boxlet_ext4::Node {
+            kind: boxlet_ext4::NodeKind::File(boxlet_ext4::FileData::Host {
+                path: agent.to_path_buf(),
+                size,
+            }),
+            meta: boxlet_ext4::NodeMeta {
+                mode: 0o755,
+                ..Default::default()
+            },
+        };
+        tree.put(AGENT_PATH, node)
+            .with_context(|| format!("adding the agent at {AGENT_PATH}"))?;
+    }
     // File contents are read from the layers a second time, straight into the image.
     let mut open_layer = |i: usize| -> std::io::Result<Box<dyn std::io::Read>> {
         Ok(Box::new(std::fs::File::open(&layers[i])?))
@@ -285,6 +318,9 @@ fn build(
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// Where the agent lives in a guest's root.
+const AGENT_PATH: &str = "/boxlet/bin/boxlet-guest";
 
 fn parse_mode(s: &str) -> Result<u16, String> {
     u16::from_str_radix(s, 8)

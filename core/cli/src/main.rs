@@ -1,8 +1,11 @@
 //! `boxlet`: run untrusted code in microVMs, and inspect the disk formats behind them.
 
+mod agent;
 mod ext4;
+mod kernel;
 mod qcow2;
 mod size;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -24,6 +27,12 @@ enum Command {
     /// ext4 images: inspect, list, read files.
     #[command(subcommand)]
     Ext4(ext4::Ext4Command),
+    /// The guest kernel: build it, find it.
+    #[command(subcommand)]
+    Kernel(kernel::KernelCommand),
+    /// Boot VMs and run commands in them.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +40,8 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Qcow2(cmd) => qcow2::run(cmd),
         Command::Ext4(cmd) => ext4::run(cmd),
+        Command::Kernel(cmd) => kernel::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd),
     };
     match res {
         Ok(code) => code,

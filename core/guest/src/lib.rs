@@ -1,4 +1,15 @@
-//! The boxlet guest agent (PID 1 in the VM) and the host<->guest protocol.
+//! The boxlet guest agent and the host<->guest protocol.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace layout and is filled
-//! by issue #4. It exports nothing.
+//! The agent is PID 1 in every box (`init=/boxlet/bin/boxlet-guest`): it mounts the
+//! basics, reaps orphans, tells the host it is ready over vsock, and serves requests:
+//! exec with streamed stdio, signals and timeouts, file copy in and out, shutdown. The
+//! protocol ([`proto`], docs/agent-protocol.md) is small, framed and versioned; the same
+//! agent serves a Unix socket on the host (`--listen-unix`), which is how its logic is
+//! tested without a VM.
+
+pub mod agent;
+pub mod init;
+pub mod proto;
+pub mod serve;
+mod sys;
+pub mod users;

@@ -1,4 +1,19 @@
-//! The boxlet runtime: core traits (RootfsStrategy, DiskStore, Hypervisor) and box lifecycle.
+//! The boxlet runtime: the core traits and what drives a box.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace layout and is filled
-//! by issue #4. It exports nothing.
+//! - [`hypervisor`]: the `Hypervisor` trait every VMM backend implements.
+//! - [`agent`]: the async client of the guest agent (exec, copy, shutdown).
+//! - [`vm`]: boot a VM on any backend to a ready agent.
+//! - [`initramfs`]: the agent's initramfs for directory roots.
+
+pub mod agent;
+pub mod hypervisor;
+pub mod initramfs;
+pub mod vm;
+
+pub use agent::{AgentClient, AgentError, Connector, ExecEvent, ExecSession, Output};
+pub use boxlet_guest::proto::{Exec, ExitStatus, Setup};
+pub use hypervisor::{
+    Acceleration, Capabilities, DiskFormat, DiskSpec, Hypervisor, HypervisorError, ShareSpec, Vm,
+    VmExit, VmSpec, VsockSpec,
+};
+pub use vm::{boot, BootError, BootSpec, Root, RunningVm};

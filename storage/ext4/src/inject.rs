@@ -290,9 +290,12 @@ impl<'a> Injector<'a> {
             self.free_blocks_delta -= 1;
             return Ok(first + g * bpg + idx);
         }
-        Err(unsupported(
-            "no free block in a group with an initialized block bitmap",
-        ))
+        Err(ErrorKind::InvalidInput(
+            "no free block left: the image is full (or only groups with uninitialized \
+             bitmaps have room)"
+                .into(),
+        )
+        .into())
     }
 
     fn free_block(&mut self, b: u64) -> Result<()> {

@@ -159,6 +159,52 @@ impl Tree {
         }
     }
 
+    /// Put `node` at the absolute `path`, creating missing parent directories (mode 0755,
+    /// owned by root) and replacing what was there unless it is a directory.
+    pub fn put(&mut self, path: &str, node: Node) -> Result<NodeId> {
+        let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        let Some((name, parents)) = comps.split_last() else {
+            return Err(ErrorKind::InvalidInput(format!("cannot put a node at {path:?}")).into());
+        };
+        let mut cur = 0;
+        for c in parents {
+            let existing = match &self.nodes[cur].kind {
+                NodeKind::Dir(children) => children.get(c.as_bytes()).copied(),
+                _ => return Err(ErrorKind::NotADirectory.into()),
+            };
+            cur = match existing {
+                Some(id) => id,
+                None => self.add(
+                    cur,
+                    c.as_bytes(),
+                    Node {
+                        kind: NodeKind::Dir(BTreeMap::new()),
+                        meta: NodeMeta {
+                            mode: 0o755,
+                            ..NodeMeta::default()
+                        },
+                    },
+                )?,
+            };
+        }
+        match &mut self.nodes[cur].kind {
+            NodeKind::Dir(children) => {
+                if let Some(&old) = children.get(name.as_bytes()) {
+                    if matches!(self.nodes[old].kind, NodeKind::Dir(_)) {
+                        return Err(
+                            ErrorKind::InvalidInput(format!("{path:?} is a directory")).into()
+                        );
+                    }
+                    if let NodeKind::Dir(children) = &mut self.nodes[cur].kind {
+                        children.remove(name.as_bytes());
+                    }
+                }
+            }
+            _ => return Err(ErrorKind::NotADirectory.into()),
+        }
+        self.add(cur, name.as_bytes(), node)
+    }
+
     /// The tree under a host directory (symlinks not followed, hard links kept, xattrs
     /// read where the host filesystem has them).
     pub fn from_dir(root: &Path) -> Result<Self> {

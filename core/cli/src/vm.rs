@@ -1,0 +1,200 @@
+//! `boxlet vm run`: boot a VM from a prepared disk or directory, run one command through
+//! the agent with stdio passed through, and exit with its code.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use boxlet::{boot, BootSpec, Exec, ExecEvent, Hypervisor, Root};
+use clap::{Args, Subcommand, ValueEnum};
+use tokio::io::AsyncReadExt;
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Boot a VM, run CMD in it, print its output and exit with its exit code.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// QEMU microvm (KVM where it can boot Linux, else TCG).
+    Qemu,
+    /// boxlet's own VMM on KVM.
+    Kvm,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The VMM backend.
+    #[arg(long, value_enum, default_value = "qemu")]
+    backend: Backend,
+    /// Guest kernel (default: $BOXLET_KERNEL, else the one `boxlet kernel build` made).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Root disk: an ext4 image, raw or qcow2, with the agent in it (`IMG:ro` for
+    /// read-only).
+    #[arg(long, required_unless_present = "fs", conflicts_with = "fs")]
+    disk: Option<String>,
+    /// Root directory, shared over virtio-fs (the agent comes in an initramfs; the
+    /// directory is not modified).
+    #[arg(long)]
+    fs: Option<PathBuf>,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// Write the guest console here.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Environment for CMD (`KEY=VALUE`, repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Working directory for CMD.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// User for CMD (`name`, `uid` or `uid:gid`).
+    #[arg(long)]
+    user: Option<String>,
+    /// Seconds to wait for the guest to be ready.
+    #[arg(long, default_value_t = 120)]
+    ready_timeout: u64,
+    /// Print boot and run times to stderr.
+    #[arg(long)]
+    timings: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    cmd: Vec<String>,
+}
+
+pub fn run(cmd: VmCommand) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cmd {
+        VmCommand::Run(args) => {
+            let code = rt.block_on(run_cmd(args))?;
+            // Stdin may still be blocked in a read; do not wait for it.
+            std::process::exit(code);
+        }
+    }
+}
+
+fn backend(b: Backend) -> Result<Box<dyn Hypervisor>> {
+    match b {
+        Backend::Qemu => Ok(Box::new(boxlet_qemu::Qemu::new()?)),
+        Backend::Kvm => {
+            bail!("the kvm backend (boxlet's own VMM) is not built yet; use --backend qemu")
+        }
+    }
+}
+
+async fn run_cmd(a: RunArgs) -> Result<i32> {
+    let hv = backend(a.backend)?;
+    let kernel = crate::kernel::resolve(a.kernel.clone())?;
+    let (root, agent) = match (&a.disk, &a.fs) {
+        (Some(d), _) => {
+            let (path, ro) = match d.strip_suffix(":ro") {
+                Some(p) => (p, true),
+                None => (d.as_str(), false),
+            };
+            let path = PathBuf::from(path);
+            if !path.is_file() {
+                bail!("disk {}: no such file", path.display());
+            }
+            (
+                Root::Disk {
+                    path,
+                    read_only: ro,
+                },
+                None,
+            )
+        }
+        (None, Some(dir)) => {
+            if !dir.is_dir() {
+                bail!("{}: not a directory", dir.display());
+            }
+            (Root::Dir { path: dir.clone() }, Some(crate::agent::find()?))
+        }
+        (None, None) => bail!("give --disk or --fs"),
+    };
+    let mut spec = BootSpec::new("boxlet", kernel, root);
+    spec.agent = agent;
+    spec.vcpus = a.cpus;
+    spec.memory_mib = a.memory;
+    spec.console_log = a.console.clone();
+    spec.ready_timeout = Duration::from_secs(a.ready_timeout);
+    let started = std::time::Instant::now();
+    let vm = boot(hv.as_ref(), spec).await.context("booting the VM")?;
+    if a.timings {
+        eprintln!(
+            "boxlet: agent ready {:.0} ms after start ({})",
+            vm.boot_time().as_secs_f64() * 1000.0,
+            hv.capabilities().acceleration
+        );
+    }
+    let exec = Exec {
+        args: a.cmd.clone(),
+        env: a.env.clone(),
+        cwd: a.cwd.clone(),
+        user: a.user.clone(),
+        stdin: true,
+        timeout_ms: None,
+    };
+    let session = vm
+        .agent()
+        .exec(exec)
+        .await
+        .context("starting the command")?;
+    let (mut out, mut input) = session.split();
+    // Our stdin to the command's, until it ends (or the command does).
+    let feed = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if input.write_stdin(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = input.close_stdin().await;
+        // Keep the connection open: closing our side ends the exec (vsock has no
+        // half-close through the VMM).
+        std::future::pending::<()>().await;
+        drop(input);
+    });
+    let mut status = None;
+    while let Some(ev) = out.next().await.context("reading the command's output")? {
+        match ev {
+            ExecEvent::Stdout(b) => {
+                let mut o = std::io::stdout().lock();
+                o.write_all(&b)?;
+                o.flush()?;
+            }
+            ExecEvent::Stderr(b) => {
+                let mut e = std::io::stderr().lock();
+                e.write_all(&b)?;
+                e.flush()?;
+            }
+            ExecEvent::Exit(s) => status = Some(s),
+        }
+    }
+    feed.abort();
+    let status = status.context("the command's exit status never came")?;
+    let exit = vm.shutdown(Duration::from_secs(10)).await?;
+    if a.timings {
+        eprintln!(
+            "boxlet: done {:.0} ms after start; VM ended: {exit:?}",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    Ok(status.shell_code())
+}

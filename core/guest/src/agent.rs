@@ -1,0 +1,498 @@
+//! The agent's request handling: one connection, one request (see [`crate::proto`]).
+//!
+//! The same code serves vsock connections inside a VM and Unix-socket connections on the
+//! host (where the protocol and exec logic are tested fast). Processes are spawned and
+//! waited for here; inside a VM, PID 1 is a separate reaper process (see `main.rs`), so
+//! nothing else collects this process's children.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use crate::proto::{
+    read_frame, write_frame, Done, Exec, ExitStatus, Failure, Frame, Kind, ProtocolError, Request,
+    Setup, Signal, Started, CHUNK, PROTOCOL_VERSION,
+};
+use crate::users;
+
+/// A bidirectional stream the agent can serve (vsock or Unix socket).
+pub trait Conn: Read + Write + Send + 'static {
+    /// A second handle on the same stream (for a writer beside the reader).
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>>;
+    /// Close both directions (wakes a reader blocked on the other handle).
+    fn close(&self);
+    /// Close the sending direction: the peer reads the end of the stream.
+    fn close_write(&self);
+}
+
+impl Conn for std::os::unix::net::UnixStream {
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn close_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// What the agent does when asked to shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// Sync and power the VM off.
+    PowerOff,
+    /// Exit the agent process (the agent runs on the host).
+    Exit,
+}
+
+/// The agent's state shared by its connections.
+#[derive(Debug)]
+pub struct Agent {
+    defaults: Mutex<Setup>,
+    shutdown: ShutdownMode,
+}
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Shared writer of a connection's frames (output threads and the main one).
+type Writer = Arc<Mutex<Box<dyn Conn>>>;
+
+fn send(w: &Writer, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
+    write_frame(&mut *g, kind, payload)
+}
+
+fn send_json<T: serde::Serialize>(w: &Writer, kind: Kind, v: &T) -> io::Result<()> {
+    let f = Frame::json(kind, v);
+    send(w, kind, &f.payload)
+}
+
+fn fail(w: &Writer, message: impl Into<String>) -> io::Result<()> {
+    send_json(
+        w,
+        Kind::Error,
+        &Failure {
+            message: message.into(),
+        },
+    )
+}
+
+impl Agent {
+    /// An agent with empty defaults.
+    pub fn new(shutdown: ShutdownMode) -> Self {
+        Self {
+            defaults: Mutex::new(Setup::default()),
+            shutdown,
+        }
+    }
+
+    /// Serve one connection to its end. Errors are the connection's (the agent goes on).
+    pub fn serve(&self, conn: Box<dyn Conn>) -> Result<(), ProtocolError> {
+        let writer: Writer = Arc::new(Mutex::new(conn.try_clone_conn()?));
+        let mut reader = conn;
+        let Some(first) = read_frame(&mut reader)? else {
+            return Ok(());
+        };
+        if first.kind != Kind::Request {
+            fail(&writer, format!("expected a request, got {:?}", first.kind))?;
+            return Err(ProtocolError::Unexpected(first.kind));
+        }
+        let req: Request = match first.parse() {
+            Ok(r) => r,
+            Err(e) => {
+                fail(&writer, e.to_string())?;
+                return Err(e);
+            }
+        };
+        let res = match req {
+            Request::Ping => send_json(
+                &writer,
+                Kind::Done,
+                &Done {
+                    version: Some(PROTOCOL_VERSION),
+                },
+            )
+            .map_err(Into::into),
+            Request::Setup(s) => self.setup(&writer, s),
+            Request::Exec(e) => self.exec(reader.as_mut(), &writer, e),
+            Request::CopyIn { path } => copy_in(reader.as_mut(), &writer, &path),
+            Request::CopyOut { path } => copy_out(&writer, &path),
+            Request::Shutdown => {
+                send_json(&writer, Kind::Done, &Done::default())?;
+                self.shut_down();
+                Ok(())
+            }
+        };
+        reader.close_write();
+        res
+    }
+
+    fn setup(&self, w: &Writer, s: Setup) -> Result<(), ProtocolError> {
+        let mut problems = Vec::new();
+        if let Some(ns) = s.unix_time_ns {
+            if let Err(e) = crate::sys::set_clock(ns) {
+                problems.push(format!("setting the clock: {e}"));
+            }
+        }
+        if let Some(h) = &s.hostname {
+            if let Err(e) = crate::sys::set_hostname(h) {
+                problems.push(format!("setting the hostname {h:?}: {e}"));
+            }
+        }
+        *self.defaults.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        if problems.is_empty() {
+            send_json(w, Kind::Done, &Done::default())?;
+        } else {
+            fail(w, problems.join("; "))?;
+        }
+        Ok(())
+    }
+
+    fn shut_down(&self) {
+        match self.shutdown {
+            ShutdownMode::PowerOff => crate::sys::power_off(),
+            ShutdownMode::Exit => std::process::exit(0),
+        }
+    }
+
+    /// The command an exec runs, with its environment, directory and user.
+    fn command(&self, e: &Exec) -> Result<Command, String> {
+        let d = self
+            .defaults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(program) = e.args.first() else {
+            return Err("exec without a program".into());
+        };
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        for kv in d.env.iter().chain(&e.env) {
+            match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => {
+                    env.insert(k.to_owned(), v.to_owned());
+                }
+                _ => return Err(format!("environment entry {kv:?} is not KEY=VALUE")),
+            }
+        }
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
+        let user = e.user.as_ref().or(d.user.as_ref());
+        let ids = match user {
+            Some(u) => Some(users::resolve(u, Path::new("/etc"))?),
+            None => None,
+        };
+        if let Some(ids) = &ids {
+            env.entry("HOME".into())
+                .or_insert_with(|| ids.home.clone().unwrap_or_else(|| "/".into()));
+        } else {
+            env.entry("HOME".into()).or_insert_with(|| "/root".into());
+        }
+        let cwd = e
+            .cwd
+            .as_ref()
+            .or(d.cwd.as_ref())
+            .map_or("/", |s| s.as_str());
+        // Resolve the program in the exec's PATH (not the agent's).
+        let resolved = resolve_program(program, &env["PATH"], cwd)
+            .ok_or_else(|| format!("{program}: command not found"))?;
+        let mut cmd = Command::new(resolved);
+        cmd.arg0(program)
+            .args(&e.args[1..])
+            .env_clear()
+            .envs(&env)
+            .current_dir(cwd)
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(if e.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        if let Some(ids) = ids {
+            cmd.uid(ids.uid).gid(ids.gid);
+        }
+        Ok(cmd)
+    }
+
+    fn exec(&self, reader: &mut dyn Conn, w: &Writer, e: Exec) -> Result<(), ProtocolError> {
+        let mut cmd = match self.command(&e) {
+            Ok(c) => c,
+            Err(msg) => {
+                fail(w, msg)?;
+                return Ok(());
+            }
+        };
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(err) => {
+                fail(w, format!("{}: {err}", e.args[0]))?;
+                return Ok(());
+            }
+        };
+        let pid = child.id();
+        send_json(w, Kind::Started, &Started { pid })?;
+
+        let pump = |src: Option<Box<dyn Read + Send>>, kind: Kind| {
+            let w = Arc::clone(w);
+            thread::spawn(move || {
+                let Some(mut src) = src else { return };
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    match src.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if send(&w, kind, &buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+        };
+        let out = pump(
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            Kind::Stdout,
+        );
+        let err = pump(
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            Kind::Stderr,
+        );
+
+        // The host's frames: stdin, its end, signals. A host that goes away kills the
+        // process group.
+        let mut stdin = child.stdin.take();
+        let mut host = reader.try_clone_conn()?;
+        let exited = Arc::new(AtomicBool::new(false));
+        let done = Arc::clone(&exited);
+        let kill = move || {
+            if !done.load(Ordering::SeqCst) {
+                crate::sys::kill_group(pid, SIGKILL);
+            }
+        };
+        let input = thread::spawn(move || loop {
+            match read_frame(&mut host) {
+                Ok(Some(f)) => match f.kind {
+                    Kind::Stdin => {
+                        if let Some(s) = stdin.as_mut() {
+                            if s.write_all(&f.payload).is_err() {
+                                stdin = None;
+                            }
+                        }
+                    }
+                    Kind::StdinEof => stdin = None,
+                    Kind::Signal => {
+                        if let Ok(s) = f.parse::<Signal>() {
+                            crate::sys::kill_group(pid, s.signal);
+                        }
+                    }
+                    _ => {
+                        kill();
+                        return;
+                    }
+                },
+                Ok(None) | Err(_) => {
+                    kill();
+                    return;
+                }
+            }
+        });
+
+        // Wait, with the timeout if there is one.
+        let (tx, rx) = mpsc::channel();
+        let waiter = thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let mut timed_out = false;
+        let status = match e.timeout_ms {
+            Some(ms) => match rx.recv_timeout(Duration::from_millis(ms)) {
+                Ok(s) => s,
+                Err(_) => {
+                    timed_out = true;
+                    crate::sys::kill_group(pid, SIGKILL);
+                    rx.recv()
+                        .unwrap_or_else(|_| Err(io::Error::other("waiter gone")))
+                }
+            },
+            None => rx
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("waiter gone"))),
+        };
+        let _ = waiter.join();
+        let status = match status {
+            Ok(s) => s,
+            Err(err) => {
+                fail(w, format!("waiting for {}: {err}", e.args[0]))?;
+                return Ok(());
+            }
+        };
+        // All output before the exit status.
+        let _ = out.join();
+        let _ = err.join();
+        send_json(
+            w,
+            Kind::Exit,
+            &ExitStatus {
+                code: status.code(),
+                signal: status.signal(),
+                timed_out,
+            },
+        )?;
+        // The host reads the end of the stream and closes its side, which ends the
+        // input thread (without killing anything: the process has exited).
+        exited.store(true, Ordering::SeqCst);
+        w.lock().unwrap_or_else(|e| e.into_inner()).close_write();
+        let _ = input.join();
+        Ok(())
+    }
+}
+
+const SIGKILL: i32 = 9;
+
+/// `program` found the way execvp would, in `path` (relative entries against `cwd`).
+fn resolve_program(program: &str, path: &str, cwd: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exec = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = Path::new(cwd).join(program);
+        return is_exec(&p).then_some(p);
+    }
+    path.split(':')
+        .map(|dir| {
+            Path::new(cwd)
+                .join(if dir.is_empty() { "." } else { dir })
+                .join(program)
+        })
+        .find(|p| is_exec(p))
+}
+
+/// Frames of `Data` read as one stream, ending at `DataEof`.
+struct DataReader<'a> {
+    conn: &'a mut dyn Conn,
+    buf: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl Read for DataReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() && !self.done {
+            match read_frame(&mut self.conn).map_err(io::Error::other)? {
+                Some(f) if f.kind == Kind::Data => {
+                    self.buf = f.payload;
+                    self.pos = 0;
+                }
+                Some(f) if f.kind == Kind::DataEof => self.done = true,
+                Some(f) => {
+                    return Err(io::Error::other(format!(
+                        "unexpected {:?} frame in a data stream",
+                        f.kind
+                    )))
+                }
+                None => return Err(io::ErrorKind::UnexpectedEof.into()),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Bytes written become `Data` frames of at most [`CHUNK`] bytes.
+struct DataWriter<'a> {
+    w: &'a Writer,
+    buf: Vec<u8>,
+}
+
+impl Write for DataWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        for c in self.buf.chunks(CHUNK) {
+            send(self.w, Kind::Data, c)?;
+        }
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+fn copy_in(reader: &mut dyn Conn, w: &Writer, path: &str) -> Result<(), ProtocolError> {
+    let mut data = DataReader {
+        conn: reader,
+        buf: Vec::new(),
+        pos: 0,
+        done: false,
+    };
+    let res = std::fs::create_dir_all(path).and_then(|()| {
+        let mut ar = tar::Archive::new(&mut data);
+        ar.set_preserve_permissions(true);
+        ar.set_preserve_ownerships(true);
+        ar.set_overwrite(true);
+        ar.unpack(path)
+    });
+    // Drain the rest of the stream so the connection stays in step.
+    let _ = io::copy(&mut data, &mut io::sink());
+    match res {
+        Ok(()) => send_json(w, Kind::Done, &Done::default())?,
+        Err(e) => fail(w, format!("copying into {path}: {e}"))?,
+    }
+    Ok(())
+}
+
+fn copy_out(w: &Writer, path: &str) -> Result<(), ProtocolError> {
+    let p = Path::new(path);
+    let meta = match std::fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(e) => {
+            fail(w, format!("{path}: {e}"))?;
+            return Ok(());
+        }
+    };
+    let name = p
+        .file_name()
+        .map_or_else(|| ".".into(), |n| n.to_string_lossy().into_owned());
+    let mut out = DataWriter { w, buf: Vec::new() };
+    let res = (|| {
+        let mut b = tar::Builder::new(&mut out);
+        b.follow_symlinks(false);
+        if meta.is_dir() {
+            b.append_dir_all(&name, p)?;
+        } else {
+            b.append_path_with_name(p, &name)?;
+        }
+        b.finish()
+    })();
+    out.flush()?;
+    match res {
+        Ok(()) => {
+            send(w, Kind::DataEof, &[])?;
+            send_json(w, Kind::Done, &Done::default())?;
+        }
+        Err(e) => fail(w, format!("copying {path} out: {e}"))?,
+    }
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! The `Hypervisor` trait: what the runtime asks of a VMM backend, and nothing more.
+//!
+//! Backends know nothing about images or the agent; the runtime knows nothing about
+//! QEMU's flags or KVM's ioctls. A backend turns a [`VmSpec`] into a running VM and a
+//! [`Vm`] handle that waits for its end, stops it, and says why it ended.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// How a disk image is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskFormat {
+    /// A raw image.
+    Raw,
+    /// A qcow2 image (its backing chain is the backend's to open).
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The format of the image at `path`, from its first bytes.
+    pub fn detect(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        let mut f = std::fs::File::open(path)?;
+        let n = f.read(&mut magic)?;
+        Ok(if n == 4 && magic == *b"QFI\xfb" {
+            Self::Qcow2
+        } else {
+            Self::Raw
+        })
+    }
+}
+
+/// A block device (virtio-blk); the first is the guest's `/dev/vda`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Image path on the host.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+    /// The guest may not write.
+    pub read_only: bool,
+}
+
+/// A host directory shared with the guest (virtio-fs), mounted by its tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareSpec {
+    /// The virtio-fs tag the guest mounts.
+    pub tag: String,
+    /// Directory on the host.
+    pub host_path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+}
+
+/// Host side of the guest's vsock device, in Firecracker's convention: a guest
+/// connection to CID 2 port P reaches the Unix socket `<uds_path>_P`; the host connects
+/// to `uds_path` and sends `CONNECT P\n` to reach guest port P.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockSpec {
+    /// The guest's context id (3 or more).
+    pub cid: u32,
+    /// The host-side Unix socket path.
+    pub uds_path: PathBuf,
+}
+
+/// Everything a backend needs to start a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// A name for logs.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Guest kernel (bzImage).
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (the backend appends its device announcements).
+    pub cmdline: String,
+    /// Block devices, in order (vda, vdb, ...).
+    pub disks: Vec<DiskSpec>,
+    /// Directory shares.
+    pub shares: Vec<ShareSpec>,
+    /// The vsock device.
+    pub vsock: Option<VsockSpec>,
+    /// Where the guest's serial console goes.
+    pub console_log: PathBuf,
+    /// A private directory the backend may use for its sockets; it removes what it
+    /// creates there when the VM ends.
+    pub run_dir: PathBuf,
+}
+
+/// What executes guest instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Acceleration {
+    /// Linux KVM.
+    Kvm,
+    /// macOS Hypervisor.framework.
+    Hvf,
+    /// Software emulation (QEMU's TCG): correct, and tens of times slower.
+    Tcg,
+}
+
+impl fmt::Display for Acceleration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Kvm => "kvm",
+            Self::Hvf => "hvf",
+            Self::Tcg => "tcg (software emulation)",
+        })
+    }
+}
+
+/// What a backend can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Directory shares (virtio-fs).
+    pub directory_shares: bool,
+    /// A vsock device.
+    pub vsock: bool,
+    /// How guest code runs.
+    pub acceleration: Acceleration,
+}
+
+/// Why a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmExit {
+    /// The guest powered off or reset itself (the agent's shutdown ends this way).
+    Shutdown,
+    /// The guest kernel panicked; the line from its console.
+    GuestPanic(String),
+    /// The host stopped it ([`Vm::stop`]).
+    Stopped,
+    /// The VMM failed or was killed from outside.
+    VmmFailed(String),
+}
+
+/// A backend failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HypervisorError {
+    /// The spec asks for something this backend cannot do.
+    #[error("{backend}: {what} is not supported")]
+    Unsupported {
+        /// The backend.
+        backend: &'static str,
+        /// What.
+        what: String,
+    },
+    /// A program the backend needs is missing.
+    #[error("{backend}: {program} not found: {hint}")]
+    MissingProgram {
+        /// The backend.
+        backend: &'static str,
+        /// The program.
+        program: String,
+        /// How to get it.
+        hint: String,
+    },
+    /// Starting the VM or one of its helpers failed.
+    #[error("{backend}: starting {what}: {msg}")]
+    Start {
+        /// The backend.
+        backend: &'static str,
+        /// The VMM or a helper.
+        what: String,
+        /// Why.
+        msg: String,
+    },
+    /// An I/O error.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A VMM backend.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + fmt::Debug {
+    /// Its name (`qemu`, `kvm`, `hvf`).
+    fn name(&self) -> &'static str;
+    /// What it can do here.
+    fn capabilities(&self) -> Capabilities;
+    /// Start a VM.
+    async fn create(&self, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError>;
+}
+
+/// A running VM. Dropping it kills the VM and everything it started.
+#[async_trait]
+pub trait Vm: Send + fmt::Debug {
+    /// Wait for the VM to end (and release everything it held).
+    async fn wait(&mut self) -> Result<VmExit, HypervisorError>;
+    /// Ask the VMM to stop, and kill it when `grace` passes; then as [`Vm::wait`].
+    async fn stop(&mut self, grace: Duration) -> Result<VmExit, HypervisorError>;
+}

@@ -1,0 +1,332 @@
+//! The agent's protocol and exec logic, tested fast: the agent serves a Unix socket in
+//! this process (as `boxlet-guest --listen-unix` does), and the async client talks to it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use boxlet::{AgentClient, Connector, Exec, ExecEvent};
+
+struct Agent {
+    _dir: tempfile::TempDir,
+    sock: PathBuf,
+}
+
+fn agent() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let s = sock.clone();
+    std::thread::spawn(move || boxlet_guest::serve::unix(&s));
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Agent { _dir: dir, sock }
+}
+
+fn client(a: &Agent) -> AgentClient {
+    AgentClient::new(Connector::Unix(a.sock.clone()))
+}
+
+fn sh(script: &str) -> Exec {
+    Exec {
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        ..Exec::default()
+    }
+}
+
+#[tokio::test]
+async fn echo_exit_codes_and_stderr() {
+    let a = agent();
+    let c = client(&a);
+    assert_eq!(
+        c.ping().await.unwrap(),
+        boxlet_guest::proto::PROTOCOL_VERSION
+    );
+    let out = c
+        .run(sh("echo out; echo err >&2; exit 7"), None)
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.status.code, Some(7));
+}
+
+#[tokio::test]
+async fn a_signal_kills_the_process_group_and_is_reported() {
+    let a = agent();
+    let c = client(&a);
+    let mut s = c.exec(sh("echo started; sleep 100")).await.unwrap();
+    assert!(s.pid() > 0);
+    // Wait until the shell runs, then signal it.
+    assert_eq!(
+        s.next().await.unwrap(),
+        Some(ExecEvent::Stdout(b"started\n".to_vec()))
+    );
+    s.signal(15).await.unwrap();
+    let mut status = None;
+    while let Some(ev) = s.next().await.unwrap() {
+        if let ExecEvent::Exit(st) = ev {
+            status = Some(st);
+        }
+    }
+    let st = status.unwrap();
+    assert_eq!((st.code, st.signal, st.timed_out), (None, Some(15), false));
+    assert_eq!(st.shell_code(), 143);
+}
+
+#[tokio::test]
+async fn stdin_is_piped_through() {
+    let a = agent();
+    let c = client(&a);
+    let input: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let out = c
+        .run(
+            Exec {
+                args: vec!["cat".into()],
+                ..Exec::default()
+            },
+            Some(&input),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.status.code, Some(0));
+    assert!(
+        out.stdout == input,
+        "cat returned {} bytes",
+        out.stdout.len()
+    );
+}
+
+#[tokio::test]
+async fn ten_mib_of_output_arrives_intact() {
+    use sha2::{Digest, Sha256};
+    let a = agent();
+    let c = client(&a);
+    let out = c
+        .run(sh("yes 0123456789abcdef | head -c 10485760"), None)
+        .await
+        .unwrap();
+    let want: Vec<u8> = b"0123456789abcdef\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(10 << 20)
+        .collect();
+    assert_eq!(out.stdout.len(), 10 << 20);
+    assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(&want));
+}
+
+#[tokio::test]
+async fn ten_concurrent_execs() {
+    let a = agent();
+    let c = client(&a);
+    let runs = (0..10).map(|i| {
+        let c = c.clone();
+        async move {
+            c.run(sh(&format!("sleep 0.2; echo run-{i}; exit {i}")), None)
+                .await
+        }
+    });
+    let outs = futures_join_all(runs).await;
+    for (i, o) in outs.into_iter().enumerate() {
+        let o = o.unwrap();
+        assert_eq!(o.stdout, format!("run-{i}\n").into_bytes());
+        assert_eq!(o.status.code, Some(i as i32));
+    }
+}
+
+/// `join_all` without another dependency: spawn each on the runtime.
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn timeouts_kill_and_say_so() {
+    let a = agent();
+    let c = client(&a);
+    let out = c
+        .run(
+            Exec {
+                timeout_ms: Some(200),
+                ..sh("sleep 30")
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(out.status.timed_out);
+    assert_eq!(out.status.signal, Some(9));
+}
+
+#[tokio::test]
+async fn setup_defaults_and_per_exec_overrides() {
+    let a = agent();
+    let c = client(&a);
+    let dir = tempfile::tempdir().unwrap();
+    c.setup(boxlet::Setup {
+        env: vec!["A=from-setup".into(), "B=kept".into()],
+        cwd: Some(dir.path().display().to_string()),
+        ..boxlet::Setup::default()
+    })
+    .await
+    .unwrap();
+    let out = c
+        .run(
+            Exec {
+                env: vec!["A=from-exec".into()],
+                ..sh("echo $A $B; pwd")
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("from-exec kept\n{}\n", dir.path().display())
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_errors_and_the_agent_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = agent();
+    let c = client(&a);
+    let e = c
+        .run(
+            Exec {
+                args: vec!["no-such-program-here".into()],
+                ..Exec::default()
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no-such-program-here: command not found"),
+        "{e}"
+    );
+    let e = c
+        .run(
+            Exec {
+                cwd: Some("/no/such/dir".into()),
+                ..sh("true")
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("sh"), "{e}");
+    let e = c.run(Exec::default(), None).await.unwrap_err();
+    assert!(e.to_string().contains("without a program"), "{e}");
+
+    // Garbage instead of a frame: an error frame back, then the connection ends.
+    let mut s = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
+    s.write_all(&[0xff; 64]).await.unwrap();
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back).await;
+    // A frame larger than the limit: refused the same way.
+    let mut s = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
+    s.write_all(&boxlet_guest::proto::Frame::header(
+        boxlet_guest::proto::Kind::Request,
+        boxlet_guest::proto::MAX_FRAME + 1,
+    ))
+    .await
+    .unwrap();
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back).await;
+    // A JSON request of the wrong shape gets an error frame.
+    let mut s = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
+    let payload = br#"{"op":"exec","args":7}"#;
+    let mut msg =
+        boxlet_guest::proto::Frame::header(boxlet_guest::proto::Kind::Request, payload.len())
+            .to_vec();
+    msg.extend_from_slice(payload);
+    s.write_all(&msg).await.unwrap();
+    let f = boxlet::agent::read_frame(&mut s).await.unwrap().unwrap();
+    assert_eq!(f.kind, boxlet_guest::proto::Kind::Error);
+
+    // Still serving.
+    assert_eq!(c.run(sh("echo ok"), None).await.unwrap().stdout, b"ok\n");
+}
+
+#[tokio::test]
+async fn a_host_that_goes_away_kills_its_process() {
+    let a = agent();
+    let c = client(&a);
+    let mut s = c.exec(sh("echo up; exec sleep 100")).await.unwrap();
+    let pid = s.pid();
+    assert!(matches!(
+        s.next().await.unwrap(),
+        Some(ExecEvent::Stdout(_))
+    ));
+    drop(s);
+    // The agent notices the closed connection and kills the process group.
+    let alive = |pid: u32| {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+    };
+    for _ in 0..500 {
+        if !alive(pid) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("pid {pid} still runs after its host went away");
+}
+
+#[tokio::test]
+async fn files_and_trees_copy_in_and_out() {
+    let a = agent();
+    let c = client(&a);
+    let host = tempfile::tempdir().unwrap();
+    let src = host.path().join("tree");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::write(src.join("a.txt"), b"alpha").unwrap();
+    let big: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(src.join("sub/deeper/big.bin"), &big).unwrap();
+    std::os::unix::fs::symlink("a.txt", src.join("link")).unwrap();
+    // "Guest" side: another directory (the agent runs on this host).
+    let guest = tempfile::tempdir().unwrap();
+    let gdir = guest.path().join("in");
+    c.copy_in(&src, gdir.to_str().unwrap()).await.unwrap();
+    assert_eq!(
+        std::fs::read(gdir.join("tree/sub/deeper/big.bin")).unwrap(),
+        big
+    );
+    assert_eq!(
+        std::fs::read_link(gdir.join("tree/link")).unwrap(),
+        PathBuf::from("a.txt")
+    );
+    // A single file too.
+    c.copy_in(&src.join("a.txt"), gdir.to_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(gdir.join("a.txt")).unwrap(), b"alpha");
+
+    let back = host.path().join("back");
+    std::fs::create_dir(&back).unwrap();
+    c.copy_out(gdir.join("tree").to_str().unwrap(), &back)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(back.join("tree/sub/deeper/big.bin")).unwrap(),
+        big
+    );
+    assert_eq!(std::fs::read(back.join("tree/a.txt")).unwrap(), b"alpha");
+    let e = c.copy_out("/no/such/path", &back).await.unwrap_err();
+    assert!(e.to_string().contains("/no/such/path"), "{e}");
+}
