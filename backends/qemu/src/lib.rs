@@ -258,14 +258,9 @@ impl Hypervisor for Qemu {
 
     async fn create(&self, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
         self.tell_once();
-        let mut vm = QemuVm {
-            qemu: None,
-            daemons: Vec::new(),
-            sockets: Vec::new(),
-            console: spec.console_log.clone(),
-            stderr_log: spec.run_dir.join("qemu.stderr"),
-            exit: None,
-        };
+        // Started daemons are killed if a later step fails (kill_on_drop).
+        let mut daemons: Vec<Child> = Vec::new();
+        let mut sockets: Vec<PathBuf> = Vec::new();
         let mut vsock_sock = None;
         if let Some(v) = &spec.vsock {
             let prog = self
@@ -284,11 +279,10 @@ impl Hypervisor for Qemu {
                 sock.display(),
                 v.uds_path.display()
             ));
-            vm.sockets.push(sock.clone());
-            vm.sockets.push(v.uds_path.clone());
+            sockets.push(sock.clone());
+            sockets.push(v.uds_path.clone());
             let log = spec.run_dir.join("vhost-device-vsock.log");
-            vm.daemons
-                .push(start_daemon("vhost-device-vsock", cmd, &sock, &log).await?);
+            daemons.push(start_daemon("vhost-device-vsock", cmd, &sock, &log).await?);
             vsock_sock = Some(sock);
         }
         let mut fs_socks = Vec::new();
@@ -307,43 +301,79 @@ impl Hypervisor for Qemu {
             if share.read_only {
                 cmd.arg("--readonly");
             }
-            vm.sockets.push(sock.clone());
+            sockets.push(sock.clone());
             let log = spec.run_dir.join(format!("virtiofsd{i}.log"));
-            vm.daemons
-                .push(start_daemon("virtiofsd", cmd, &sock, &log).await?);
+            daemons.push(start_daemon("virtiofsd", cmd, &sock, &log).await?);
             fs_socks.push(sock);
         }
         let mut cmd = owned(&self.qemu);
         cmd.args(self.args(&spec, vsock_sock.as_deref(), &fs_socks));
-        let err = std::fs::File::create(&vm.stderr_log).map_err(|e| start_err("qemu", e))?;
+        let stderr_log = spec.run_dir.join("qemu.stderr");
+        let err = std::fs::File::create(&stderr_log).map_err(|e| start_err("qemu", e))?;
         cmd.stdout(Stdio::null()).stderr(err);
         tracing::debug!(name = %spec.name, "starting qemu");
-        vm.qemu = Some(cmd.spawn().map_err(|e| start_err("qemu", e))?);
-        Ok(Box::new(vm))
+        let qemu = cmd.spawn().map_err(|e| start_err("qemu", e))?;
+        let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(1);
+        let monitor = Monitor {
+            qemu,
+            daemons: std::mem::take(&mut daemons),
+            sockets: std::mem::take(&mut sockets),
+            console: spec.console_log.clone(),
+            stderr_log,
+        };
+        Ok(Box::new(QemuVm {
+            stop: stop_tx,
+            task: Some(tokio::spawn(monitor.run(stop_rx))),
+            exit: None,
+        }))
     }
 }
 
-/// A QEMU VM and the daemons serving it.
+/// Owns a VM's processes: waits for QEMU, and the moment it ends (or is stopped) kills
+/// the daemons and removes the sockets, so nothing outlives the VM even when nobody is
+/// waiting on it (vhost-device-vsock would otherwise keep host connections open).
 #[derive(Debug)]
-pub struct QemuVm {
-    qemu: Option<Child>,
+struct Monitor {
+    qemu: Child,
     daemons: Vec<Child>,
     sockets: Vec<PathBuf>,
     console: PathBuf,
     stderr_log: PathBuf,
-    exit: Option<VmExit>,
 }
 
-impl QemuVm {
-    /// Kill the daemons and remove the sockets.
-    async fn release(&mut self) {
+impl Monitor {
+    async fn run(mut self, mut stop: tokio::sync::mpsc::Receiver<Duration>) -> VmExit {
+        let mut stopped = false;
+        let status = tokio::select! {
+            s = self.qemu.wait() => s,
+            Some(grace) = stop.recv() => {
+                stopped = true;
+                // SIGTERM: QEMU flushes its disks and exits.
+                if let Some(pid) = self.qemu.id() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+                match tokio::time::timeout(grace, self.qemu.wait()).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = self.qemu.start_kill();
+                        self.qemu.wait().await
+                    }
+                }
+            }
+        };
         for d in &mut self.daemons {
             let _ = d.start_kill();
             let _ = d.wait().await;
         }
-        self.daemons.clear();
-        for s in self.sockets.drain(..) {
+        for s in &self.sockets {
             let _ = std::fs::remove_file(s);
+        }
+        match status {
+            Ok(status) => self.classify(status, stopped),
+            Err(e) => VmExit::VmmFailed(format!("waiting for qemu: {e}")),
         }
     }
 
@@ -368,57 +398,46 @@ impl QemuVm {
         };
         VmExit::VmmFailed(format!("{how}: {}", stderr.trim()))
     }
+}
 
-    async fn finish(&mut self, stopped: bool) -> Result<VmExit, HypervisorError> {
-        if let Some(exit) = &self.exit {
-            return Ok(exit.clone());
-        }
-        let status = match self.qemu.as_mut() {
-            Some(q) => q.wait().await.map_err(|source| HypervisorError::Io {
-                what: "waiting for qemu".into(),
-                source,
-            })?,
-            None => return Ok(VmExit::Stopped),
-        };
-        self.qemu = None;
-        self.release().await;
-        let exit = self.classify(status, stopped);
-        self.exit = Some(exit.clone());
-        Ok(exit)
-    }
+/// A running QEMU VM.
+#[derive(Debug)]
+pub struct QemuVm {
+    stop: tokio::sync::mpsc::Sender<Duration>,
+    task: Option<tokio::task::JoinHandle<VmExit>>,
+    exit: Option<VmExit>,
 }
 
 #[async_trait]
 impl Vm for QemuVm {
     async fn wait(&mut self) -> Result<VmExit, HypervisorError> {
-        self.finish(false).await
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        let Some(task) = self.task.as_mut() else {
+            return Ok(VmExit::Stopped);
+        };
+        let exit = task.await.map_err(|e| HypervisorError::Io {
+            what: "the VM monitor".into(),
+            source: std::io::Error::other(e),
+        })?;
+        self.task = None;
+        self.exit = Some(exit.clone());
+        Ok(exit)
     }
 
     async fn stop(&mut self, grace: Duration) -> Result<VmExit, HypervisorError> {
-        if self.exit.is_some() {
-            return self.finish(true).await;
-        }
-        if let Some(q) = self.qemu.as_mut() {
-            // SIGTERM: QEMU flushes its disks and exits.
-            if let Some(pid) = q.id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            if tokio::time::timeout(grace, q.wait()).await.is_err() {
-                let _ = q.start_kill();
-            }
-        }
-        self.finish(true).await
+        let _ = self.stop.try_send(grace);
+        self.wait().await
     }
 }
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        // kill_on_drop ends the processes; the sockets go here.
-        for s in self.sockets.drain(..) {
-            let _ = std::fs::remove_file(s);
+        // Stop it now; the monitor kills and removes everything. (If the runtime itself
+        // is gone, the monitor's processes die with it: kill_on_drop.)
+        if self.task.is_some() {
+            let _ = self.stop.try_send(Duration::ZERO);
         }
     }
 }

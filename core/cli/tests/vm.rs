@@ -1,0 +1,121 @@
+//! `boxlet vm run` end to end: an image built with `boxlet ext4 build --agent`, a qcow2
+//! overlay from `boxlet qcow2 create`, a boot on the QEMU backend, stdin in, output and
+//! the exit code out. Needs `make setup` (kernel, daemons) and BOXLET_AGENT.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn boxlet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_boxlet"))
+}
+
+fn box_tree() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/rootfs/busybox-box.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn vm_run_streams_stdin_and_output_and_exits_with_the_command_code() {
+    assert!(
+        std::env::var_os("BOXLET_AGENT").is_some(),
+        "BOXLET_AGENT: the static agent (`make test` sets it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.ext4");
+    let disk = dir.path().join("box.qcow2");
+    ok(boxlet()
+        .args(["ext4", "build"])
+        .arg(&base)
+        .arg("--dir")
+        .arg(box_tree())
+        .arg("--agent"));
+    ok(boxlet()
+        .args(["ext4", "cat"])
+        .arg(&base)
+        .arg("/boxlet/bin/boxlet-guest"));
+    ok(boxlet().args(["qcow2", "create"]).arg(&disk).args([
+        "--backing",
+        "base.ext4",
+        "--backing-format",
+        "raw",
+    ]));
+    let mut child = boxlet()
+        .args(["vm", "run", "--disk"])
+        .arg(&disk)
+        .args(["--", "sh", "-c", "tr a-z A-Z; echo to-stderr >&2; exit 5"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped through the guest\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert_eq!(out.stdout, b"PIPED THROUGH THE GUEST\n");
+    assert!(stderr.contains("to-stderr"), "{stderr}");
+
+    // A directory root (over virtio-fs), read-only use: nothing in it changes.
+    let out = boxlet()
+        .args(["vm", "run", "--fs"])
+        .arg(box_tree())
+        .args(["--", "cat", "/etc/motd"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"boxlet test root\n");
+    assert!(!box_tree().join("boxlet").exists());
+}
+
+#[test]
+fn vm_run_refuses_bad_input_with_one_line() {
+    let out = boxlet()
+        .args(["vm", "run", "--disk", "/no/such.img", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("/no/such.img") && e.lines().count() == 1, "{e}");
+    let out = boxlet()
+        .args([
+            "vm",
+            "run",
+            "--backend",
+            "kvm",
+            "--disk",
+            "/no/such.img",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--backend qemu"));
+}
