@@ -16,8 +16,9 @@ fn agent() -> Agent {
     let sock = dir.path().join("agent.sock");
     let s = sock.clone();
     std::thread::spawn(move || boxlet_guest::serve::unix(&s));
+    // The socket file appears at bind(), before listen(): wait until it accepts.
     for _ in 0..500 {
-        if sock.exists() {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
             break;
         }
         std::thread::sleep(Duration::from_millis(2));
