@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_TIME ?= 20
 
-.PHONY: all build setup test lint bench bench-ext4 fuzz-smoke corpus clean
+.PHONY: all build setup test lint bench bench-ext4 bench-vm fuzz-smoke corpus clean
 
 all: build
 
@@ -26,6 +26,10 @@ bench: setup
 # ext4 builder against mke2fs -d and tar -x + mke2fs -d (needs root, debootstrap).
 bench-ext4: setup
 	bash benches/ext4_build.sh
+
+# Boot to agent-ready, `vm run -- true`, exec round trip (medians; names the acceleration).
+bench-vm: setup
+	bash benches/vm_bench.sh
 
 # Seed corpora for the fuzz targets, generated with qemu-img and boxlet.
 corpus: setup

@@ -26,7 +26,10 @@ fn run_script(build: bool) -> Result<PathBuf> {
     std::fs::write(&script, BUILD_SH)?;
     std::fs::write(&config, GUEST_CONFIG)?;
     let mut cmd = Command::new("bash");
-    cmd.arg(&script).arg(&config).stdout(Stdio::piped());
+    cmd.arg(&script)
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     if !build {
         cmd.env("BOXLET_KERNEL_CACHED_ONLY", "1");
     }

@@ -36,6 +36,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Library warnings (e.g. "no KVM: running under TCG") go to stderr; RUST_LOG for more.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Qcow2(cmd) => qcow2::run(cmd),

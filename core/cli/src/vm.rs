@@ -15,6 +15,30 @@ use tokio::io::AsyncReadExt;
 pub enum VmCommand {
     /// Boot a VM, run CMD in it, print its output and exit with its exit code.
     Run(RunArgs),
+    /// Measure boot to agent-ready, a whole `vm run -- true`, and exec round trips.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The VMM backend.
+    #[arg(long, value_enum, default_value = "qemu")]
+    backend: Backend,
+    /// Guest kernel (default: $BOXLET_KERNEL, else the cached build).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Root disk with the agent (opened read-only: every boot sees the same disk).
+    #[arg(long)]
+    disk: PathBuf,
+    /// Boots to measure.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Exec round trips to measure in one VM.
+    #[arg(long, default_value_t = 200)]
+    execs: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -80,6 +104,10 @@ pub fn run(cmd: VmCommand) -> Result<ExitCode> {
             let code = rt.block_on(run_cmd(args))?;
             // Stdin may still be blocked in a read; do not wait for it.
             std::process::exit(code);
+        }
+        VmCommand::Bench(args) => {
+            rt.block_on(bench(args))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -197,4 +225,109 @@ async fn run_cmd(a: RunArgs) -> Result<i32> {
         );
     }
     Ok(status.shell_code())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+async fn bench(a: BenchArgs) -> Result<()> {
+    let hv = backend(a.backend)?;
+    let kernel = crate::kernel::resolve(a.kernel.clone())?;
+    let accel = hv.capabilities().acceleration;
+    if a.runs == 0 || a.execs == 0 {
+        bail!("--runs and --execs must be at least 1");
+    }
+    let spec = || {
+        BootSpec::new(
+            "bench",
+            kernel.clone(),
+            Root::Disk {
+                path: a.disk.clone(),
+                read_only: true,
+            },
+        )
+    };
+    let true_cmd = || Exec {
+        args: vec!["true".into()],
+        ..Exec::default()
+    };
+    // Boot to ready, and the whole `vm run -- true` (boot, exec, shutdown) per run.
+    let mut ready_ms = Vec::new();
+    let mut run_ms = Vec::new();
+    for i in 0..a.runs {
+        let t = std::time::Instant::now();
+        let vm = boot(hv.as_ref(), spec()).await.context("booting")?;
+        ready_ms.push(vm.boot_time().as_secs_f64() * 1000.0);
+        let out = vm.agent().run(true_cmd(), None).await?;
+        if out.status.code != Some(0) {
+            bail!("`true` failed in the guest: {:?}", out.status);
+        }
+        vm.shutdown(Duration::from_secs(30)).await?;
+        run_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !a.json {
+            eprintln!(
+                "run {}/{}: ready {:.0} ms, whole run {:.0} ms",
+                i + 1,
+                a.runs,
+                ready_ms[i],
+                run_ms[i]
+            );
+        }
+    }
+    // Exec round trips in one running VM.
+    let vm = boot(hv.as_ref(), spec()).await.context("booting")?;
+    let mut exec_us = Vec::new();
+    for _ in 0..a.execs {
+        let t = std::time::Instant::now();
+        vm.agent().run(true_cmd(), None).await?;
+        exec_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let mut ping_us = Vec::new();
+    for _ in 0..a.execs {
+        let t = std::time::Instant::now();
+        vm.agent().ping().await?;
+        ping_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    vm.shutdown(Duration::from_secs(30)).await?;
+    let v = serde_json::json!({
+        "backend": hv.name(),
+        "acceleration": accel.to_string(),
+        "runs": a.runs,
+        "boot_to_ready_ms_median": median(&mut ready_ms),
+        "vm_run_true_ms_median": median(&mut run_ms),
+        "execs": a.execs,
+        "exec_true_round_trip_us_median": median(&mut exec_us),
+        "ping_round_trip_us_median": median(&mut ping_us),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("backend {} ({accel})", hv.name());
+        println!(
+            "boot to agent ready: median {:.0} ms over {} boots",
+            v["boot_to_ready_ms_median"].as_f64().unwrap_or(0.0),
+            a.runs
+        );
+        println!(
+            "vm run -- true:      median {:.0} ms (boot, exec, shutdown)",
+            v["vm_run_true_ms_median"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "exec `true`:         median {:.0} us round trip over {} execs",
+            v["exec_true_round_trip_us_median"].as_f64().unwrap_or(0.0),
+            a.execs
+        );
+        println!(
+            "agent ping:          median {:.0} us round trip",
+            v["ping_round_trip_us_median"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
 }
