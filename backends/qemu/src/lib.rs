@@ -135,10 +135,13 @@ impl Qemu {
             &spec.vcpus.max(1).to_string(),
             "-nodefaults",
             "-no-user-config",
-            "-nographic",
+            "-display",
+            "none",
             "-no-reboot",
+            // The console comes out of QEMU's stdout, which the monitor writes to the
+            // console log up to a limit (a guest cannot fill the host's disk).
             "-serial",
-            &format!("file:{}", spec.console_log.display()),
+            "stdio",
             "-kernel",
             &spec.kernel.display().to_string(),
             "-append",
@@ -200,7 +203,63 @@ fn start_err(what: &str, msg: impl std::fmt::Display) -> HypervisorError {
     }
 }
 
+/// Console bytes written to the log at most; past it only the last [`CONSOLE_TAIL`]
+/// bytes are kept, appended when the VM ends.
+const CONSOLE_LIMIT: u64 = 16 << 20;
+const CONSOLE_TAIL: usize = 64 << 10;
+
+/// Copy QEMU's serial output into the console log, bounded.
+async fn pump_console(from: tokio::process::ChildStdout, file: std::fs::File) {
+    pump_bounded(from, file, CONSOLE_LIMIT, CONSOLE_TAIL).await;
+}
+
+/// Copy `from` into `file`: the first `limit` bytes, then (at the end) a note of how much
+/// was dropped and the last `tail_len` bytes.
+async fn pump_bounded(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    file: std::fs::File,
+    limit: u64,
+    tail_len: usize,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut file = tokio::fs::File::from_std(file);
+    let mut buf = vec![0u8; 16 << 10];
+    let mut written = 0u64;
+    let mut dropped = 0u64;
+    let mut tail: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let keep = (limit - written).min(n as u64) as usize;
+        if keep > 0 {
+            if file.write_all(&buf[..keep]).await.is_err() || file.flush().await.is_err() {
+                break;
+            }
+            written += keep as u64;
+        }
+        for &b in &buf[keep..n] {
+            if tail.len() == tail_len {
+                tail.pop_front();
+                dropped += 1;
+            }
+            tail.push_back(b);
+        }
+    }
+    if !tail.is_empty() {
+        let mut end = format!("\n[boxlet: {dropped} console bytes dropped]\n").into_bytes();
+        end.extend(tail);
+        let _ = file.write_all(&end).await;
+        let _ = file.flush().await;
+    }
+}
+
 /// A command whose process dies with this one.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that spawned the process exits: create
+/// VMs from long-lived threads (a tokio worker, the main thread), not from a
+/// `spawn_blocking` thread, which exits when idle and would take the VM with it.
 fn owned(program: &Path) -> Command {
     let mut c = Command::new(program);
     c.kill_on_drop(true).stdin(Stdio::null());
@@ -310,12 +369,20 @@ impl Hypervisor for Qemu {
         cmd.args(self.args(&spec, vsock_sock.as_deref(), &fs_socks));
         let stderr_log = spec.run_dir.join("qemu.stderr");
         let err = std::fs::File::create(&stderr_log).map_err(|e| start_err("qemu", e))?;
-        cmd.stdout(Stdio::null()).stderr(err);
+        cmd.stdout(Stdio::piped()).stderr(err);
+        let console_file = std::fs::File::create(&spec.console_log)
+            .map_err(|e| start_err("qemu", format!("{}: {e}", spec.console_log.display())))?;
         tracing::debug!(name = %spec.name, "starting qemu");
-        let qemu = cmd.spawn().map_err(|e| start_err("qemu", e))?;
+        let mut qemu = cmd.spawn().map_err(|e| start_err("qemu", e))?;
+        let out = qemu
+            .stdout
+            .take()
+            .ok_or_else(|| start_err("qemu", "no stdout"))?;
+        let console_task = tokio::spawn(pump_console(out, console_file));
         let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(1);
         let monitor = Monitor {
             qemu,
+            console_task,
             daemons: std::mem::take(&mut daemons),
             sockets: std::mem::take(&mut sockets),
             console: spec.console_log.clone(),
@@ -335,6 +402,7 @@ impl Hypervisor for Qemu {
 #[derive(Debug)]
 struct Monitor {
     qemu: Child,
+    console_task: tokio::task::JoinHandle<()>,
     daemons: Vec<Child>,
     sockets: Vec<PathBuf>,
     console: PathBuf,
@@ -368,6 +436,8 @@ impl Monitor {
             let _ = d.start_kill();
             let _ = d.wait().await;
         }
+        // QEMU's stdout has closed: the console log is complete.
+        let _ = (&mut self.console_task).await;
         for s in &self.sockets {
             let _ = std::fs::remove_file(s);
         }
@@ -382,9 +452,11 @@ impl Monitor {
         if stopped {
             return VmExit::Stopped;
         }
-        let console = std::fs::read(&self.console).unwrap_or_default();
-        let console = String::from_utf8_lossy(&console);
-        if let Some(line) = console.lines().find(|l| l.contains("Kernel panic")) {
+        let console = boxlet::vm::console_tail(&self.console, 200);
+        if let Some(line) = console
+            .lines()
+            .find(|l| l.contains("Kernel panic - not syncing"))
+        {
             return VmExit::GuestPanic(line.trim().to_string());
         }
         if status.success() {
@@ -417,11 +489,12 @@ impl Vm for QemuVm {
         let Some(task) = self.task.as_mut() else {
             return Ok(VmExit::Stopped);
         };
-        let exit = task.await.map_err(|e| HypervisorError::Io {
+        let exit = task.await;
+        self.task = None;
+        let exit = exit.map_err(|e| HypervisorError::Io {
             what: "the VM monitor".into(),
             source: std::io::Error::other(e),
         })?;
-        self.task = None;
         self.exit = Some(exit.clone());
         Ok(exit)
     }
@@ -445,6 +518,28 @@ impl Drop for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_console_log_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 200) as u8).collect();
+        pump_bounded(&data[..], std::fs::File::create(&path).unwrap(), 1000, 300).await;
+        let log = std::fs::read(&path).unwrap();
+        assert_eq!(&log[..1000], &data[..1000]);
+        let note = b"\n[boxlet: 8700 console bytes dropped]\n";
+        assert_eq!(&log[1000..1000 + note.len()], note);
+        assert_eq!(&log[1000 + note.len()..], &data[10_000 - 300..]);
+        // Under the limit: the whole stream, nothing added.
+        pump_bounded(
+            &data[..500],
+            std::fs::File::create(&path).unwrap(),
+            1000,
+            300,
+        )
+        .await;
+        assert_eq!(std::fs::read(&path).unwrap(), &data[..500]);
+    }
     use boxlet::hypervisor::{DiskSpec, ShareSpec, VsockSpec};
 
     #[test]
@@ -512,6 +607,9 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-accel tcg -cpu max"), "{a}");
-        assert!(a.contains("-serial file:/run/console.log"), "{a}");
+        assert!(
+            a.contains("-serial stdio") && a.contains("-display none"),
+            "{a}"
+        );
     }
 }

@@ -97,8 +97,15 @@ impl Agent {
     pub fn serve(&self, conn: Box<dyn Conn>) -> Result<(), ProtocolError> {
         let writer: Writer = Arc::new(Mutex::new(conn.try_clone_conn()?));
         let mut reader = conn;
-        let Some(first) = read_frame(&mut reader)? else {
-            return Ok(());
+        let first = match read_frame(&mut reader) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                // Tell the host why, if it still listens.
+                let _ = fail(&writer, e.to_string());
+                reader.close_write();
+                return Err(e);
+            }
         };
         if first.kind != Kind::Request {
             fail(&writer, format!("expected a request, got {:?}", first.kind))?;
@@ -238,51 +245,75 @@ impl Agent {
             }
         };
         let pid = child.id();
-        send_json(w, Kind::Started, &Started { pid })?;
+        // From here on the process must be killed and reaped on every early return.
+        let abandon = |mut child: std::process::Child| {
+            crate::sys::kill_group(pid, SIGKILL);
+            let _ = child.wait();
+        };
+        if let Err(err) = send_json(w, Kind::Started, &Started { pid }) {
+            abandon(child);
+            return Err(err.into());
+        }
+        let mut host = match reader.try_clone_conn() {
+            Ok(h) => h,
+            Err(err) => {
+                abandon(child);
+                return Err(err.into());
+            }
+        };
 
+        // Output pumps. Once `Exit` is sent they stop forwarding (a daemon the process
+        // left behind may hold the pipes open long after).
+        let exited = Arc::new(AtomicBool::new(false));
+        let (pumped_tx, pumped_rx) = mpsc::channel::<()>();
         let pump = |src: Option<Box<dyn Read + Send>>, kind: Kind| {
             let w = Arc::clone(w);
+            let exited = Arc::clone(&exited);
+            let done = pumped_tx.clone();
             thread::spawn(move || {
-                let Some(mut src) = src else { return };
-                let mut buf = vec![0u8; CHUNK];
-                loop {
-                    match src.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            if send(&w, kind, &buf[..n]).is_err() {
-                                break;
+                if let Some(mut src) = src {
+                    let mut buf = vec![0u8; CHUNK];
+                    loop {
+                        match src.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if exited.load(Ordering::SeqCst)
+                                    || send(&w, kind, &buf[..n]).is_err()
+                                {
+                                    break;
+                                }
                             }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => break,
                         }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => break,
                     }
                 }
-            })
+                let _ = done.send(());
+            });
         };
-        let out = pump(
+        pump(
             child
                 .stdout
                 .take()
                 .map(|s| Box::new(s) as Box<dyn Read + Send>),
             Kind::Stdout,
         );
-        let err = pump(
+        pump(
             child
                 .stderr
                 .take()
                 .map(|s| Box::new(s) as Box<dyn Read + Send>),
             Kind::Stderr,
         );
+        drop(pumped_tx);
 
         // The host's frames: stdin, its end, signals. A host that goes away kills the
-        // process group.
+        // process group (unless the process has already exited).
         let mut stdin = child.stdin.take();
-        let mut host = reader.try_clone_conn()?;
-        let exited = Arc::new(AtomicBool::new(false));
-        let done = Arc::clone(&exited);
-        let kill = move || {
-            if !done.load(Ordering::SeqCst) {
-                crate::sys::kill_group(pid, SIGKILL);
+        let gone = Arc::clone(&exited);
+        let signal = move |sig: i32| {
+            if !gone.load(Ordering::SeqCst) {
+                crate::sys::kill_group(pid, sig);
             }
         };
         let input = thread::spawn(move || loop {
@@ -296,18 +327,19 @@ impl Agent {
                         }
                     }
                     Kind::StdinEof => stdin = None,
+                    // A malformed signal frame is ignored, as documented.
                     Kind::Signal => {
                         if let Ok(s) = f.parse::<Signal>() {
-                            crate::sys::kill_group(pid, s.signal);
+                            signal(s.signal);
                         }
                     }
                     _ => {
-                        kill();
+                        signal(SIGKILL);
                         return;
                     }
                 },
                 Ok(None) | Err(_) => {
-                    kill();
+                    signal(SIGKILL);
                     return;
                 }
             }
@@ -334,34 +366,38 @@ impl Agent {
                 .unwrap_or_else(|_| Err(io::Error::other("waiter gone"))),
         };
         let _ = waiter.join();
-        let status = match status {
-            Ok(s) => s,
-            Err(err) => {
-                fail(w, format!("waiting for {}: {err}", e.args[0]))?;
-                return Ok(());
+        // Output written before the exit comes first: wait for both pipes to end, but not
+        // forever (a process that daemonized keeps them open).
+        let deadline = std::time::Instant::now() + OUTPUT_GRACE;
+        for _ in 0..2 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if pumped_rx.recv_timeout(left).is_err() {
+                break;
             }
-        };
-        // All output before the exit status.
-        let _ = out.join();
-        let _ = err.join();
-        send_json(
-            w,
-            Kind::Exit,
-            &ExitStatus {
-                code: status.code(),
-                signal: status.signal(),
-                timed_out,
-            },
-        )?;
-        // The host reads the end of the stream and closes its side, which ends the
-        // input thread (without killing anything: the process has exited).
+        }
         exited.store(true, Ordering::SeqCst);
+        let res = match status {
+            Ok(status) => send_json(
+                w,
+                Kind::Exit,
+                &ExitStatus {
+                    code: status.code(),
+                    signal: status.signal(),
+                    timed_out,
+                },
+            ),
+            Err(err) => fail(w, format!("waiting for {}: {err}", e.args[0])),
+        };
+        // The host reads the end of the stream and closes its side, which ends the
+        // input thread.
         w.lock().unwrap_or_else(|e| e.into_inner()).close_write();
         let _ = input.join();
-        Ok(())
+        res.map_err(Into::into)
     }
 }
 
+/// How long output may keep coming after the process exited (from its descendants).
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
 const SIGKILL: i32 = 9;
 
 /// `program` found the way execvp would, in `path` (relative entries against `cwd`).

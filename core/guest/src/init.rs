@@ -102,7 +102,8 @@ fn mount_basics() {
 
 /// Run as PID 1. Never returns.
 pub fn run() -> ! {
-    mount_fs("proc", "/proc", "proc", MsFlags::empty(), None);
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nosuid, None);
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if let Some(root) = cmdline_value(&cmdline, "boxlet.root") {
         let res = match root.strip_prefix("virtiofs:") {

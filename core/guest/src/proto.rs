@@ -265,12 +265,18 @@ pub struct ExitStatus {
 }
 
 impl ExitStatus {
-    /// The shell's convention: the code, or 128 + the signal.
+    /// The shell's convention: the code, or 128 + the signal, as a process exit code
+    /// (0-255; anything out of range, which no real process reports, is 255).
     pub fn shell_code(&self) -> i32 {
-        match (self.code, self.signal) {
+        let c = match (self.code, self.signal) {
             (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
+            (None, Some(s)) => s.saturating_add(128),
             (None, None) => 255,
+        };
+        if (0..=255).contains(&c) {
+            c
+        } else {
+            255
         }
     }
 }
@@ -353,5 +359,9 @@ mod tests {
         };
         assert_eq!(s(Some(3), None).shell_code(), 3);
         assert_eq!(s(None, Some(9)).shell_code(), 137);
+        // Values only a lying guest would send.
+        assert_eq!(s(None, Some(i32::MAX)).shell_code(), 255);
+        assert_eq!(s(Some(256), None).shell_code(), 255);
+        assert_eq!(s(Some(-1), None).shell_code(), 255);
     }
 }

@@ -63,10 +63,21 @@ pub enum Connector {
 }
 
 /// A client for one agent.
+///
+/// The guest is not trusted: every wait for an answer that is not a process's output is
+/// bounded by the request timeout, [`AgentClient::run`] refuses more output than its
+/// limit, and copies out stream to disk.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     connector: Connector,
+    timeout: Duration,
+    output_limit: usize,
 }
+
+/// How long a request may wait for its answer (not for a process to run).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much output [`AgentClient::run`] collects at most.
+pub const OUTPUT_LIMIT: usize = 256 << 20;
 
 /// One connection, framed.
 #[derive(Debug)]
@@ -300,7 +311,37 @@ pub struct Output {
 impl AgentClient {
     /// A client that reaches the agent through `connector`.
     pub fn new(connector: Connector) -> Self {
-        Self { connector }
+        Self {
+            connector,
+            timeout: REQUEST_TIMEOUT,
+            output_limit: OUTPUT_LIMIT,
+        }
+    }
+
+    /// Change the request timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Change how much output [`AgentClient::run`] collects at most.
+    pub fn with_output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = bytes;
+        self
+    }
+
+    /// `fut`, failing with a timeout error after the request timeout.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, AgentError>>,
+    ) -> Result<T, AgentError> {
+        tokio::time::timeout(self.timeout, fut).await.map_err(|_| {
+            io_err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what}: no answer from the agent in {:?}", self.timeout),
+            ))
+        })?
     }
 
     /// The guest agent of a VM whose vsock Unix socket is `uds`.
@@ -312,6 +353,10 @@ impl AgentClient {
     }
 
     async fn connect(&self) -> Result<Conn, AgentError> {
+        self.bounded("connecting", self.connect_inner()).await
+    }
+
+    async fn connect_inner(&self) -> Result<Conn, AgentError> {
         let (path, port) = match &self.connector {
             Connector::Vsock { uds, port } => (uds, Some(*port)),
             Connector::Unix(p) => (p, None),
@@ -331,9 +376,10 @@ impl AgentClient {
                 .map_err(|e| cerr(e.to_string()))?;
             let mut line = String::new();
             // The answer is one short line; a VMM that cannot reach the port closes.
-            tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+            let mut limited = (&mut r).take(64);
+            limited
+                .read_line(&mut line)
                 .await
-                .map_err(|_| cerr(format!("no answer to CONNECT {port}")))?
                 .map_err(|e| cerr(e.to_string()))?;
             if !line.starts_with("OK ") {
                 return Err(cerr(format!(
@@ -351,22 +397,28 @@ impl AgentClient {
         Ok(c)
     }
 
+    /// Send `req` and wait (bounded) for `Done`.
+    async fn simple(&self, what: &str, req: &Request) -> Result<Done, AgentError> {
+        let mut c = self.request(req).await?;
+        self.bounded(what, c.done()).await
+    }
+
     /// Check the agent answers; returns its protocol version.
     pub async fn ping(&self) -> Result<u32, AgentError> {
-        let d = self.request(&Request::Ping).await?.done().await?;
+        let d = self.simple("ping", &Request::Ping).await?;
         Ok(d.version.unwrap_or(0))
     }
 
     /// Set the guest's clock, hostname and exec defaults.
     pub async fn setup(&self, setup: Setup) -> Result<(), AgentError> {
-        self.request(&Request::Setup(setup)).await?.done().await?;
+        self.simple("setup", &Request::Setup(setup)).await?;
         Ok(())
     }
 
     /// Start a process; its output comes from the session.
     pub async fn exec(&self, exec: Exec) -> Result<ExecSession, AgentError> {
         let mut c = self.request(&Request::Exec(exec)).await?;
-        let f = c.expect().await?;
+        let f = self.bounded("exec", c.expect()).await?;
         match f.kind {
             Kind::Started => {
                 let s: Started = f.parse()?;
@@ -381,18 +433,13 @@ impl AgentClient {
         }
     }
 
-    /// Run a process to its end with `stdin` as its input, collecting its output.
+    /// Run a process to its end with `stdin` as its input, collecting its output (at
+    /// most the output limit: beyond it the process group is killed and this fails).
     pub async fn run(&self, mut exec: Exec, stdin: Option<&[u8]>) -> Result<Output, AgentError> {
         exec.stdin = stdin.is_some();
         let s = self.exec(exec).await?;
         let (mut out, mut input) = s.split();
-        let feed = async {
-            if let Some(data) = stdin {
-                input.write_stdin(data).await?;
-                input.close_stdin().await?;
-            }
-            Ok::<_, AgentError>(input)
-        };
+        let limit = self.output_limit;
         let collect = async {
             let mut o = Output {
                 stdout: Vec::new(),
@@ -409,15 +456,38 @@ impl AgentClient {
                     ExecEvent::Stderr(b) => o.stderr.extend_from_slice(&b),
                     ExecEvent::Exit(s) => o.status = s,
                 }
+                if o.stdout.len() + o.stderr.len() > limit {
+                    return Err(AgentError::Failed(format!(
+                        "more than {limit} bytes of output"
+                    )));
+                }
             }
             Ok::<_, AgentError>(o)
         };
-        // Output is read while stdin is written, so neither side can block the other.
-        let (fed, out) = tokio::join!(feed, collect);
-        let out = out?;
-        // A process may exit without reading all its input: that is not an error.
-        drop(fed);
-        Ok(out)
+        tokio::pin!(collect);
+        // Output is read while stdin is written, so neither side can block the other; a
+        // process that stops reading its input cannot hold up the result.
+        if let Some(data) = stdin {
+            let feed = async {
+                input.write_stdin(data).await?;
+                input.close_stdin().await
+            };
+            tokio::select! {
+                r = &mut collect => {
+                    if r.is_err() {
+                        let _ = input.signal(9).await;
+                    }
+                    return r;
+                }
+                // A process may exit without reading all its input: not an error.
+                _ = feed => {}
+            }
+        }
+        let r = collect.await;
+        if r.is_err() {
+            let _ = input.signal(9).await;
+        }
+        r
     }
 
     /// Copy a host file or tree into the guest directory `guest_dir`.
@@ -453,45 +523,128 @@ impl AgentClient {
             c.send(Kind::Data, chunk).await?;
         }
         c.send(Kind::DataEof, &[]).await?;
-        c.done().await?;
+        self.bounded("copy in", c.done()).await?;
         Ok(())
     }
 
-    /// Copy a guest file or tree into the host directory `host_dir`.
+    /// Copy a guest file or tree into the host directory `host_dir`, as
+    /// `host_dir/<last component of guest>`, which must not exist yet. The tar stream is
+    /// unpacked as it arrives into a fresh directory beside it (entries outside that one
+    /// name are refused), then renamed into place: nothing else in `host_dir` can change.
     pub async fn copy_out(&self, guest: &str, host_dir: &Path) -> Result<(), AgentError> {
+        let name = Path::new(guest)
+            .file_name()
+            .map(|n| n.to_os_string())
+            .ok_or_else(|| AgentError::Failed(format!("{guest:?} names no file")))?;
+        let dest = host_dir.join(&name);
+        if dest.symlink_metadata().is_ok() {
+            return Err(AgentError::Io {
+                what: format!("copying {guest} out"),
+                source: io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists", dest.display()),
+                ),
+            });
+        }
+        let staging = tempfile::Builder::new()
+            .prefix(".boxlet-copy-")
+            .tempdir_in(host_dir)
+            .map_err(|source| AgentError::Io {
+                what: format!("staging in {}", host_dir.display()),
+                source,
+            })?;
         let mut c = self
             .request(&Request::CopyOut {
                 path: guest.to_owned(),
             })
             .await?;
-        let mut tarball = Vec::new();
-        loop {
-            let f = c.expect().await?;
-            match f.kind {
-                Kind::Data => tarball.extend_from_slice(&f.payload),
-                Kind::DataEof => break,
-                Kind::Error => return Err(AgentError::Failed(f.parse::<Failure>()?.message)),
-                k => return Err(ProtocolError::Unexpected(k).into()),
+        // Frames flow through a bounded channel into a blocking unpacker.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        let root = staging.path().to_path_buf();
+        let top = name.clone();
+        let unpack = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let mut ar = tar::Archive::new(ChannelReader {
+                rx,
+                buf: Vec::new(),
+                pos: 0,
+            });
+            for entry in ar.entries()? {
+                let mut entry = entry?;
+                let path = entry.path()?.into_owned();
+                if path.components().next().map(|c| c.as_os_str()) != Some(top.as_os_str()) {
+                    return Err(io::Error::other(format!(
+                        "the guest sent {} outside {}",
+                        path.display(),
+                        Path::new(&top).display()
+                    )));
+                }
+                // unpack_in keeps every entry inside `root` (no .., no symlink escapes).
+                entry.unpack_in(&root)?;
             }
+            Ok(())
+        });
+        let received = async {
+            loop {
+                let f = c.expect().await?;
+                match f.kind {
+                    Kind::Data => {
+                        if tx.send(f.payload).await.is_err() {
+                            break; // the unpacker stopped: its error says why
+                        }
+                    }
+                    Kind::DataEof => break,
+                    Kind::Error => return Err(AgentError::Failed(f.parse::<Failure>()?.message)),
+                    k => return Err(ProtocolError::Unexpected(k).into()),
+                }
+            }
+            drop(tx);
+            Ok(())
         }
-        c.done().await?;
-        let dir = host_dir.to_path_buf();
-        let what = format!("unpacking into {}", dir.display());
-        tokio::task::spawn_blocking(move || {
-            // The guest is not trusted: tar's unpack keeps every entry inside `dir`.
-            tar::Archive::new(&tarball[..]).unpack(&dir)
-        })
-        .await
-        .map_err(|e| AgentError::Io {
-            what: what.clone(),
+        .await;
+        let unpacked = unpack.await.map_err(|e| AgentError::Io {
+            what: "unpacking".into(),
             source: io::Error::other(e),
-        })?
-        .map_err(|source| AgentError::Io { what, source })
+        })?;
+        received?;
+        unpacked.map_err(|source| AgentError::Io {
+            what: format!("unpacking {guest} into {}", host_dir.display()),
+            source,
+        })?;
+        self.bounded("copy out", c.done()).await?;
+        std::fs::rename(staging.path().join(&name), &dest).map_err(|source| AgentError::Io {
+            what: format!("moving {} into place", dest.display()),
+            source,
+        })
     }
 
-    /// Ask the guest to sync and power off.
+    /// Ask the guest to sync and power off.    /// Ask the guest to sync and power off.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
-        self.request(&Request::Shutdown).await?.done().await?;
+        self.simple("shutdown", &Request::Shutdown).await?;
         Ok(())
+    }
+}
+
+/// A blocking reader over chunks arriving on a channel (ends when the sender is gone).
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(b) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }

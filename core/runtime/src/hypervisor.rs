@@ -77,7 +77,7 @@ pub struct VmSpec {
     pub vcpus: u8,
     /// Guest memory in MiB.
     pub memory_mib: u32,
-    /// Guest kernel (bzImage).
+    /// Guest kernel: an ELF vmlinux with a PVH entry note, or a bzImage.
     pub kernel: PathBuf,
     /// Optional initramfs.
     pub initrd: Option<PathBuf>,

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use boxlet_guest::proto::{Ready, Setup, READY_PORT};
+use boxlet_guest::proto::{Ready, Setup, PROTOCOL_VERSION, READY_PORT};
 use tokio::net::UnixListener;
 
 use crate::agent::{accept_ready, AgentClient, AgentError};
@@ -104,9 +104,15 @@ pub enum BootError {
     },
 }
 
-/// The last `lines` lines of a console log.
+/// The last `lines` lines of a console log (read from its last 64 KiB only).
 pub fn console_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map_or(0, |m| m.len());
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+        let _ = f.take(64 << 10).read_to_end(&mut text);
+    }
     let text = String::from_utf8_lossy(&text);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -152,7 +158,8 @@ impl RunningVm {
 
     /// Ask the agent to power off; stop the VM if it has not ended after `grace`.
     pub async fn shutdown(mut self, grace: Duration) -> Result<VmExit, HypervisorError> {
-        if self.client.shutdown().await.is_ok() {
+        let asked = tokio::time::timeout(grace, self.client.shutdown()).await;
+        if matches!(asked, Ok(Ok(()))) {
             if let Ok(exit) = tokio::time::timeout(grace, self.vm.wait()).await {
                 return exit;
             }
@@ -270,6 +277,13 @@ pub async fn boot(hv: &dyn Hypervisor, spec: BootSpec) -> Result<RunningVm, Boot
             return Err(e.into());
         }
     };
+    if ready.protocol != PROTOCOL_VERSION {
+        let _ = vm.stop(Duration::from_secs(1)).await;
+        return Err(BootError::Invalid(format!(
+            "the guest agent {} speaks protocol {}, this boxlet {PROTOCOL_VERSION}",
+            ready.agent, ready.protocol
+        )));
+    }
     let boot_time = start.elapsed();
     drop(listener);
     let _ = std::fs::remove_file(&ready_path);

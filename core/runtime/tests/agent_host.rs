@@ -331,3 +331,107 @@ async fn files_and_trees_copy_in_and_out() {
     let e = c.copy_out("/no/such/path", &back).await.unwrap_err();
     assert!(e.to_string().contains("/no/such/path"), "{e}");
 }
+
+#[tokio::test]
+async fn a_daemon_holding_the_pipes_does_not_hold_the_exec() {
+    let a = agent();
+    let c = client(&a);
+    // The background sleep keeps stdout open for 30 s; the exec ends about a second
+    // after the shell does. (The outer timeout only turns a hang into a failure.)
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.run(sh("sleep 30 & echo done"), None),
+    )
+    .await
+    .expect("the exec hung on its daemon's pipes")
+    .unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.status.code),
+        (&b"done\n"[..], Some(0))
+    );
+}
+
+#[tokio::test]
+async fn output_beyond_the_limit_is_refused() {
+    let a = agent();
+    let c = client(&a).with_output_limit(10_000);
+    let e = c
+        .run(sh("yes | head -c 50000; sleep 5"), None)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("more than 10000 bytes of output"),
+        "{e}"
+    );
+}
+
+/// A hostile "agent": answers every connection with `reply` (raw frames).
+fn fake_agent(reply: Vec<u8>) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("evil.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let _ = boxlet_guest::proto::read_frame(&mut conn);
+            use std::io::Write;
+            let _ = conn.write_all(&reply);
+            // Then hold the connection open, saying nothing more.
+            std::thread::sleep(Duration::from_secs(5));
+        }
+    });
+    (dir, sock)
+}
+
+fn frame(kind: boxlet_guest::proto::Kind, payload: &[u8]) -> Vec<u8> {
+    let mut v = boxlet_guest::proto::Frame::header(kind, payload.len()).to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+#[tokio::test]
+async fn a_silent_agent_times_out() {
+    let (_d, sock) = fake_agent(Vec::new());
+    let c = AgentClient::new(Connector::Unix(sock)).with_timeout(Duration::from_millis(300));
+    let e = c.ping().await.unwrap_err();
+    assert!(e.to_string().contains("no answer from the agent"), "{e}");
+}
+
+#[tokio::test]
+async fn copy_out_keeps_a_hostile_tar_inside_its_one_name() {
+    use boxlet_guest::proto::Kind;
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join(".bashrc"), b"mine").unwrap();
+    // Entries for another name, and for the host file beside the destination.
+    for bad in ["other/file", ".bashrc"] {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(4);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, bad, &b"evil"[..]).unwrap();
+        let tarball = b.into_inner().unwrap();
+        let mut reply = frame(Kind::Data, &tarball);
+        reply.extend(frame(Kind::DataEof, b""));
+        reply.extend(frame(Kind::Done, b"{}"));
+        let (_d, sock) = fake_agent(reply);
+        let c = AgentClient::new(Connector::Unix(sock));
+        let e = c.copy_out("/srv/data", host.path()).await.unwrap_err();
+        assert!(e.to_string().contains("outside data"), "{e}");
+        // Nothing changed beside it, nothing left over.
+        let names: Vec<_> = std::fs::read_dir(host.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [".bashrc"]);
+        assert_eq!(std::fs::read(host.path().join(".bashrc")).unwrap(), b"mine");
+    }
+    // An existing destination is never overwritten.
+    std::fs::create_dir(host.path().join("data")).unwrap();
+    let (_d, sock) = fake_agent(Vec::new());
+    let e = AgentClient::new(Connector::Unix(sock))
+        .copy_out("/srv/data", host.path())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("exists"), "{e}");
+}
