@@ -203,58 +203,6 @@ fn start_err(what: &str, msg: impl std::fmt::Display) -> HypervisorError {
     }
 }
 
-/// Console bytes written to the log at most; past it only the last [`CONSOLE_TAIL`]
-/// bytes are kept, appended when the VM ends.
-const CONSOLE_LIMIT: u64 = 16 << 20;
-const CONSOLE_TAIL: usize = 64 << 10;
-
-/// Copy QEMU's serial output into the console log, bounded.
-async fn pump_console(from: tokio::process::ChildStdout, file: std::fs::File) {
-    pump_bounded(from, file, CONSOLE_LIMIT, CONSOLE_TAIL).await;
-}
-
-/// Copy `from` into `file`: the first `limit` bytes, then (at the end) a note of how much
-/// was dropped and the last `tail_len` bytes.
-async fn pump_bounded(
-    mut from: impl tokio::io::AsyncRead + Unpin,
-    file: std::fs::File,
-    limit: u64,
-    tail_len: usize,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut file = tokio::fs::File::from_std(file);
-    let mut buf = vec![0u8; 16 << 10];
-    let mut written = 0u64;
-    let mut dropped = 0u64;
-    let mut tail: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let keep = (limit - written).min(n as u64) as usize;
-        if keep > 0 {
-            if file.write_all(&buf[..keep]).await.is_err() || file.flush().await.is_err() {
-                break;
-            }
-            written += keep as u64;
-        }
-        for &b in &buf[keep..n] {
-            if tail.len() == tail_len {
-                tail.pop_front();
-                dropped += 1;
-            }
-            tail.push_back(b);
-        }
-    }
-    if !tail.is_empty() {
-        let mut end = format!("\n[boxlet: {dropped} console bytes dropped]\n").into_bytes();
-        end.extend(tail);
-        let _ = file.write_all(&end).await;
-        let _ = file.flush().await;
-    }
-}
-
 /// A command whose process dies with this one.
 ///
 /// `PR_SET_PDEATHSIG` fires when the *thread* that spawned the process exits: create
@@ -378,7 +326,7 @@ impl Hypervisor for Qemu {
             .stdout
             .take()
             .ok_or_else(|| start_err("qemu", "no stdout"))?;
-        let console_task = tokio::spawn(pump_console(out, console_file));
+        let console_task = tokio::spawn(boxlet::console::pump_console(out, console_file));
         let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(1);
         let monitor = Monitor {
             qemu,
@@ -452,7 +400,7 @@ impl Monitor {
         if stopped {
             return VmExit::Stopped;
         }
-        let console = boxlet::vm::console_tail(&self.console, 200);
+        let console = boxlet::console::console_tail(&self.console, 200);
         if let Some(line) = console
             .lines()
             .find(|l| l.contains("Kernel panic - not syncing"))
@@ -518,28 +466,6 @@ impl Drop for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn the_console_log_is_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
-        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 200) as u8).collect();
-        pump_bounded(&data[..], std::fs::File::create(&path).unwrap(), 1000, 300).await;
-        let log = std::fs::read(&path).unwrap();
-        assert_eq!(&log[..1000], &data[..1000]);
-        let note = b"\n[boxlet: 8700 console bytes dropped]\n";
-        assert_eq!(&log[1000..1000 + note.len()], note);
-        assert_eq!(&log[1000 + note.len()..], &data[10_000 - 300..]);
-        // Under the limit: the whole stream, nothing added.
-        pump_bounded(
-            &data[..500],
-            std::fs::File::create(&path).unwrap(),
-            1000,
-            300,
-        )
-        .await;
-        assert_eq!(std::fs::read(&path).unwrap(), &data[..500]);
-    }
     use boxlet::hypervisor::{DiskSpec, ShareSpec, VsockSpec};
 
     #[test]

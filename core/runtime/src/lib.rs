@@ -4,8 +4,10 @@
 //! - [`agent`]: the async client of the guest agent (exec, copy, shutdown).
 //! - [`vm`]: boot a VM on any backend to a ready agent.
 //! - [`initramfs`]: the agent's initramfs for directory roots.
+//! - [`console`]: bounded console logs.
 
 pub mod agent;
+pub mod console;
 pub mod hypervisor;
 pub mod initramfs;
 pub mod vm;

@@ -104,19 +104,7 @@ pub enum BootError {
     },
 }
 
-/// The last `lines` lines of a console log (read from its last 64 KiB only).
-pub fn console_tail(path: &Path, lines: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut text = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let len = f.metadata().map_or(0, |m| m.len());
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
-        let _ = f.take(64 << 10).read_to_end(&mut text);
-    }
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
+pub use crate::console::console_tail;
 
 /// A VM whose agent is ready.
 #[derive(Debug)]

@@ -1,0 +1,479 @@
+//! The VMM proper: one process per VM (the `boxlet-vmm` binary runs [`run`]).
+//!
+//! Guest memory is a memfd (shareable with vhost-user daemons), the kernel an ELF vmlinux
+//! entered through its PVH note in 32-bit protected mode (no firmware, no decompressor),
+//! interrupts and timers are KVM's in-kernel irqchip and PIT, the console a 16550 UART
+//! (vm-superio) on port 0x3f8 written to stdout. A guest reset (triple fault with
+//! `reboot=t`, or the i8042 reset command) ends the VM: the process exits 0.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use boxlet::VmSpec;
+use kvm_bindings::{kvm_fpu, kvm_pit_config, kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::KernelLoader;
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
+};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the VMM stopped, or could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmmError {
+    /// A KVM ioctl failed.
+    #[error("kvm: {what}: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The kernel could not be loaded.
+    #[error("kernel {path}: {msg}")]
+    Kernel {
+        /// The kernel file.
+        path: String,
+        /// Why.
+        msg: String,
+    },
+    /// A vCPU stopped on something the VMM cannot handle.
+    #[error("vcpu {0}: {1}")]
+    Vcpu(usize, String),
+    /// Host I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+// Guest physical layout (below 1 MiB: boot structures; the kernel loads itself at 16 MiB).
+const GDT_ADDR: u64 = 0x500;
+const START_INFO_ADDR: u64 = 0x6000;
+const MODLIST_ADDR: u64 = 0x6800;
+const MEMMAP_ADDR: u64 = 0x7000;
+const CMDLINE_ADDR: u64 = 0x20000;
+const CMDLINE_MAX: usize = 4096;
+/// Start of the BIOS area the memory map leaves out (as PCs have it).
+const EBDA_START: u64 = 0x9fc00;
+const HIGH_RAM_START: u64 = 0x10_0000;
+/// The largest guest RAM this layout supports (one region below the 32-bit MMIO hole).
+const MAX_RAM: u64 = 0xc000_0000;
+
+const SERIAL_PORT: u16 = 0x3f8;
+const SERIAL_IRQ: u32 = 4;
+const I8042_PORT: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
+/// Guest RAM backed by a memfd, so vhost-user daemons can map it too.
+fn guest_memory(bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+    if !(64 << 20..=MAX_RAM).contains(&bytes) {
+        return Err(VmmError::Memory(format!(
+            "{} MiB: from 64 MiB to {} MiB",
+            bytes >> 20,
+            MAX_RAM >> 20
+        )));
+    }
+    let fd =
+        nix::sys::memfd::memfd_create(c"boxlet-guest-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| VmmError::Memory(format!("memfd_create: {e}")))?;
+    let file = File::from(fd);
+    file.set_len(bytes)?;
+    GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(0),
+        bytes as usize,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .map_err(|e| VmmError::Memory(e.to_string()))
+}
+
+/// A serial interrupt line: an eventfd registered as KVM irqfd for the UART's GSI.
+struct IrqLine(EventFd);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Console output: the VMM's stdout, flushed at every byte the guest writes (it is a
+/// pipe the backend reads, or a terminal).
+struct Console;
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut o = std::io::stdout().lock();
+        o.write_all(buf)?;
+        o.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().lock().flush()
+    }
+}
+
+/// Devices on the port I/O bus.
+struct PortBus {
+    serial: Serial<IrqLine, vm_superio::serial::NoEvents, Console>,
+}
+
+/// What a vCPU exit asks of the VMM.
+enum Next {
+    Continue,
+    /// The guest reset or shut down: the VM is over.
+    End,
+}
+
+impl PortBus {
+    fn read(&mut self, port: u16, data: &mut [u8]) {
+        match port {
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
+                data[0] = self.serial.read((p - SERIAL_PORT) as u8);
+            }
+            // i8042 status: nothing to read, ready for commands.
+            I8042_PORT => data.fill(0),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, port: u16, data: &[u8]) -> Next {
+        match port {
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
+                // A full output pipe or a failed interrupt only loses console bytes.
+                let _ = self.serial.write((p - SERIAL_PORT) as u8, data[0]);
+            }
+            I8042_PORT if data.first() == Some(&I8042_RESET) => return Next::End,
+            _ => {}
+        }
+        Next::Continue
+    }
+}
+
+/// Load the kernel (and initramfs) and write the PVH start info; returns the entry point.
+fn load_kernel(mem: &GuestMemoryMmap, spec: &VmSpec, cmdline: &str) -> Result<u64, VmmError> {
+    let kerr = |msg: String| VmmError::Kernel {
+        path: spec.kernel.display().to_string(),
+        msg,
+    };
+    let mut f = File::open(&spec.kernel).map_err(|e| kerr(e.to_string()))?;
+    let loaded = Elf::load(mem, None, &mut f, Some(GuestAddress(HIGH_RAM_START)))
+        .map_err(|e| kerr(format!("not an ELF vmlinux: {e}")))?;
+    let entry = match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(addr) => addr.raw_value(),
+        _ => return Err(kerr("no PVH entry note (CONFIG_PVH)".into())),
+    };
+    if cmdline.len() + 1 > CMDLINE_MAX {
+        return Err(kerr(format!("command line of {} bytes", cmdline.len())));
+    }
+    let mut c = cmdline.as_bytes().to_vec();
+    c.push(0);
+    mem.write_slice(&c, GuestAddress(CMDLINE_ADDR))
+        .map_err(|e| kerr(format!("writing the command line: {e}")))?;
+
+    let ram_end = mem.last_addr().raw_value() + 1;
+    let mut start = hvm_start_info {
+        magic: linux_loader::loader::elf::start_info::XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        memmap_paddr: MEMMAP_ADDR,
+        memmap_entries: 2,
+        ..Default::default()
+    };
+    // The initramfs goes at the top of RAM, page aligned.
+    if let Some(initrd) = &spec.initrd {
+        let data = std::fs::read(initrd).map_err(|e| VmmError::Kernel {
+            path: initrd.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        let size = data.len() as u64;
+        let addr = (ram_end - size) & !0xfff;
+        if addr < loaded.kernel_end {
+            return Err(VmmError::Memory(format!(
+                "an initramfs of {size} bytes does not fit beside the kernel"
+            )));
+        }
+        mem.write_slice(&data, GuestAddress(addr))
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let module = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
+        mem.write_obj(module, GuestAddress(MODLIST_ADDR))
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        start.nr_modules = 1;
+        start.modlist_paddr = MODLIST_ADDR;
+    }
+    let memmap = [
+        hvm_memmap_table_entry {
+            addr: 0,
+            size: EBDA_START,
+            type_: 1,
+            ..Default::default()
+        },
+        hvm_memmap_table_entry {
+            addr: HIGH_RAM_START,
+            size: ram_end - HIGH_RAM_START,
+            type_: 1,
+            ..Default::default()
+        },
+    ];
+    let mut params = BootParams::new::<hvm_start_info>(&start, GuestAddress(START_INFO_ADDR));
+    params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(MEMMAP_ADDR));
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
+        .map_err(|e| kerr(format!("writing the PVH start info: {e}")))?;
+    Ok(entry)
+}
+
+/// A flat 4 GiB segment.
+fn segment(selector: u16, type_: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Registers for the PVH entry: 32-bit protected mode, paging off, EBX = start info.
+fn setup_vcpu(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    index: usize,
+    count: usize,
+    cpuid: &CpuId,
+    entry: u64,
+) -> Result<(), VmmError> {
+    // CPUID as KVM supports it, with this vCPU's APIC id and the hypervisor bit.
+    let mut cpuid = cpuid.clone();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | ((index as u32) << 24) | ((count as u32) << 16);
+                e.ecx |= 1 << 31;
+            }
+            0xb => e.edx = index as u32,
+            _ => {}
+        }
+    }
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set_cpuid2"))?;
+
+    // A GDT with the segments the entry state describes (the kernel loads its own).
+    let gdt: [u64; 4] = [
+        0,
+        0x00cf_9b00_0000_ffff, // code: 32-bit, 4 GiB, execute/read
+        0x00cf_9300_0000_ffff, // data: 32-bit, 4 GiB, read/write
+        0x008b_0000_0000_0067, // TSS
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64))
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+    }
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err("get_sregs"))?;
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.cs = segment(0x08, 0xb);
+    let data = segment(0x10, 0x3);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = kvm_segment {
+        base: 0,
+        limit: 0x67,
+        selector: 0x18,
+        type_: 0xb,
+        present: 1,
+        s: 0,
+        db: 0,
+        g: 0,
+        ..data
+    };
+    sregs.cr0 = 0x1 | 0x10; // PE, ET
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(kvm_err("set_sregs"))?;
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(kvm_err("set_fpu"))?;
+
+    let regs = kvm_regs {
+        rip: entry,
+        rbx: START_INFO_ADDR,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm_err("set_regs"))?;
+
+    // Local APIC: LINT0 delivers the PIC's interrupts (ExtINT), LINT1 NMIs.
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err("get_lapic"))?;
+    let set_lvt = |regs: &mut [std::os::raw::c_char], off: usize, mode: u32| {
+        let mut v = [0u8; 4];
+        for (i, b) in v.iter_mut().enumerate() {
+            *b = regs[off + i] as u8;
+        }
+        let val = (u32::from_le_bytes(v) & !0x700) | (mode << 8);
+        for (i, b) in val.to_le_bytes().iter().enumerate() {
+            regs[off + i] = *b as std::os::raw::c_char;
+        }
+    };
+    set_lvt(&mut lapic.regs, 0x350, 0x7);
+    set_lvt(&mut lapic.regs, 0x360, 0x4);
+    vcpu.set_lapic(&lapic).map_err(kvm_err("set_lapic"))?;
+    Ok(())
+}
+
+/// The VM: memory, vCPUs, devices.
+struct Machine {
+    _kvm: Kvm,
+    _vm: VmFd,
+    vcpus: Vec<VcpuFd>,
+    ports: Arc<Mutex<PortBus>>,
+}
+
+fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
+    let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(kvm_err("create_vm"))?;
+    let mem = guest_memory(u64::from(spec.memory_mib) << 20)?;
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of `region.len()` bytes owned by `mem`,
+        // which the vCPU threads keep alive for as long as the VM runs.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set_user_memory_region"))?;
+    }
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("set_tss_address"))?;
+    vm.create_irq_chip().map_err(kvm_err("create_irq_chip"))?;
+    let pit = kvm_pit_config {
+        flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create_pit2"))?;
+
+    let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm.register_irqfd(&irq, SERIAL_IRQ)
+        .map_err(kvm_err("register_irqfd"))?;
+    let ports = Arc::new(Mutex::new(PortBus {
+        serial: Serial::new(IrqLine(irq), Console),
+    }));
+
+    let entry = load_kernel(&mem, spec, cmdline)?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("get_supported_cpuid"))?;
+    let count = usize::from(spec.vcpus.max(1));
+    let mut vcpus = Vec::with_capacity(count);
+    for i in 0..count {
+        let vcpu = vm.create_vcpu(i as u64).map_err(kvm_err("create_vcpu"))?;
+        setup_vcpu(&vcpu, &mem, i, count, &cpuid, entry)?;
+        vcpus.push(vcpu);
+    }
+    // The memory mapping must outlive every vCPU: leak it (the process ends with the VM).
+    std::mem::forget(mem);
+    Ok(Machine {
+        _kvm: kvm,
+        _vm: vm,
+        vcpus,
+        ports,
+    })
+}
+
+/// Run one vCPU until the guest ends or something fails.
+fn run_vcpu(index: usize, mut vcpu: VcpuFd, ports: Arc<Mutex<PortBus>>) -> Result<(), VmmError> {
+    loop {
+        let exit = vcpu
+            .run()
+            .map_err(|e| VmmError::Vcpu(index, format!("KVM_RUN: {e}")))?;
+        let next = match exit {
+            VcpuExit::IoIn(port, data) => {
+                ports
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(port, data);
+                Next::Continue
+            }
+            VcpuExit::IoOut(port, data) => ports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(port, data),
+            // No MMIO devices yet: reads see all ones, writes go nowhere.
+            VcpuExit::MmioRead(_, data) => {
+                data.fill(0xff);
+                Next::Continue
+            }
+            VcpuExit::MmioWrite(..) => Next::Continue,
+            VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => Next::End,
+            VcpuExit::Hlt => Next::End,
+            VcpuExit::FailEntry(reason, cpu) => {
+                return Err(VmmError::Vcpu(
+                    index,
+                    format!("entry failed: reason {reason:#x} on cpu {cpu}"),
+                ))
+            }
+            VcpuExit::InternalError => {
+                return Err(VmmError::Vcpu(index, "KVM internal error".into()))
+            }
+            other => return Err(VmmError::Vcpu(index, format!("unhandled exit {other:?}"))),
+        };
+        if let Next::End = next {
+            return Ok(());
+        }
+    }
+}
+
+/// Boot the VM described by `spec` and run it to its end. `Ok` when the guest reset or
+/// powered off.
+pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
+    let machine = build(spec, &spec.cmdline)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, vcpu) in machine.vcpus.into_iter().enumerate() {
+        let ports = Arc::clone(&machine.ports);
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || {
+                let _ = tx.send(run_vcpu(i, vcpu, ports));
+            })?;
+    }
+    drop(tx);
+    // The first vCPU to finish decides: the VM is over either way (the process exits,
+    // taking the other vCPUs with it).
+    rx.recv()
+        .unwrap_or_else(|_| Err(VmmError::Vcpu(0, "every vCPU thread vanished".into())))
+}

@@ -1,0 +1,97 @@
+//! Guest consoles: a VMM's serial output copied into the console log without letting a
+//! guest fill the host's disk, and the log's tail for errors and exit reasons.
+
+use std::path::Path;
+
+/// Console bytes written to the log at most; past it only the last [`CONSOLE_TAIL`]
+/// bytes are kept, appended when the VM ends.
+pub const CONSOLE_LIMIT: u64 = 16 << 20;
+pub const CONSOLE_TAIL: usize = 64 << 10;
+
+/// Copy QEMU's serial output into the console log, bounded.
+pub async fn pump_console(from: impl tokio::io::AsyncRead + Unpin, file: std::fs::File) {
+    pump_bounded(from, file, CONSOLE_LIMIT, CONSOLE_TAIL).await;
+}
+
+/// Copy `from` into `file`: the first `limit` bytes, then (at the end) a note of how much
+/// was dropped and the last `tail_len` bytes.
+pub async fn pump_bounded(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    file: std::fs::File,
+    limit: u64,
+    tail_len: usize,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut file = tokio::fs::File::from_std(file);
+    let mut buf = vec![0u8; 16 << 10];
+    let mut written = 0u64;
+    let mut dropped = 0u64;
+    let mut tail: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let keep = (limit - written).min(n as u64) as usize;
+        if keep > 0 {
+            if file.write_all(&buf[..keep]).await.is_err() || file.flush().await.is_err() {
+                break;
+            }
+            written += keep as u64;
+        }
+        for &b in &buf[keep..n] {
+            if tail.len() == tail_len {
+                tail.pop_front();
+                dropped += 1;
+            }
+            tail.push_back(b);
+        }
+    }
+    if !tail.is_empty() {
+        let mut end = format!("\n[boxlet: {dropped} console bytes dropped]\n").into_bytes();
+        end.extend(tail);
+        let _ = file.write_all(&end).await;
+        let _ = file.flush().await;
+    }
+}
+
+/// The last `lines` lines of a console log (read from its last 64 KiB only).
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map_or(0, |m| m.len());
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+        let _ = f.take(64 << 10).read_to_end(&mut text);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_console_log_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 200) as u8).collect();
+        pump_bounded(&data[..], std::fs::File::create(&path).unwrap(), 1000, 300).await;
+        let log = std::fs::read(&path).unwrap();
+        assert_eq!(&log[..1000], &data[..1000]);
+        let note = b"\n[boxlet: 8700 console bytes dropped]\n";
+        assert_eq!(&log[1000..1000 + note.len()], note);
+        assert_eq!(&log[1000 + note.len()..], &data[10_000 - 300..]);
+        // Under the limit: the whole stream, nothing added.
+        pump_bounded(
+            &data[..500],
+            std::fs::File::create(&path).unwrap(),
+            1000,
+            300,
+        )
+        .await;
+        assert_eq!(std::fs::read(&path).unwrap(), &data[..500]);
+    }
+}
