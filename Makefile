@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_TIME ?= 20
 
-.PHONY: all build setup test demo lint bench bench-ext4 bench-vm fuzz-smoke corpus clean
+.PHONY: all build setup test test-nested demo lint bench bench-ext4 bench-vm fuzz-smoke corpus clean
 
 all: build
 
@@ -15,6 +15,10 @@ setup:
 
 test: setup
 	CARGO=$(CARGO) bash scripts/test.sh
+
+# The KVM backend's tests inside the nested test machine (L1 under TCG with emulated SVM).
+test-nested: setup
+	bash scripts/test-nested.sh
 
 # Run a box: busybox base disk + agent, qcow2 overlay, QEMU backend (CMD="..." to choose).
 demo:

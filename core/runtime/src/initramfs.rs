@@ -48,16 +48,56 @@ fn put(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, m: &Member<'_>) {
     }
 }
 
+/// An initramfs (newc cpio) made member by member.
+#[derive(Debug, Default)]
+pub struct Initramfs {
+    out: Vec<u8>,
+    ino: u32,
+}
+
+impl Initramfs {
+    /// An empty archive.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn member(&mut self, name: &str, mode: u32, m: &Member<'_>) -> &mut Self {
+        self.ino += 1;
+        put(&mut self.out, self.ino, name, mode, m);
+        self
+    }
+
+    /// A directory.
+    pub fn dir(&mut self, name: &str, mode: u32) -> &mut Self {
+        self.member(name, mode, &Member::Dir)
+    }
+
+    /// A regular file.
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> &mut Self {
+        self.member(name, mode, &Member::File(data))
+    }
+
+    /// A character device.
+    pub fn char_dev(&mut self, name: &str, mode: u32, major: u32, minor: u32) -> &mut Self {
+        self.member(name, mode, &Member::CharDev(major, minor))
+    }
+
+    /// The archive, with its trailer.
+    pub fn finish(mut self) -> Vec<u8> {
+        put(&mut self.out, 0, "TRAILER!!!", 0, &Member::File(&[]));
+        self.out
+    }
+}
+
 /// An initramfs holding `agent` as `/boxlet-guest` (and `/dev/console`, so the agent's
 /// messages reach the console log).
 pub fn with_agent(agent: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(agent.len() + 1024);
-    put(&mut out, 1, "dev", 0o755, &Member::Dir);
-    put(&mut out, 2, "dev/console", 0o600, &Member::CharDev(5, 1));
-    put(&mut out, 3, "newroot", 0o755, &Member::Dir);
-    put(&mut out, 4, "boxlet-guest", 0o755, &Member::File(agent));
-    put(&mut out, 0, "TRAILER!!!", 0, &Member::File(&[]));
-    out
+    let mut i = Initramfs::new();
+    i.dir("dev", 0o755)
+        .char_dev("dev/console", 0o600, 5, 1)
+        .dir("newroot", 0o755)
+        .file("boxlet-guest", 0o755, agent);
+    i.finish()
 }
 
 /// Write [`with_agent`] of the file `agent` to `path`.

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The KVM backend's tests, run where KVM can boot Linux: inside the nested test machine
+# (fixtures/nested/run.sh: an L1 Linux under QEMU TCG with emulated SVM), or directly
+# when this host's KVM is hardware KVM. Ends with "N passed, M failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+export BOXLET_KERNEL=${BOXLET_KERNEL:-$(BOXLET_KERNEL_CACHED_ONLY=1 bash fixtures/kernel/build.sh)} ||
+    { echo "test-nested: no guest kernel: run scripts/setup.sh" >&2; exit 1; }
+# Test executables of the KVM backend, and its VMM beside them.
+cargo build -q -p boxlet-kvm --bins || exit 1
+mapfile -t tests < <(cargo test -q -p boxlet-kvm --no-run --message-format=json 2>/dev/null |
+    grep '"profile":{[^}]*"test":true' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
+[ ${#tests[@]} -gt 0 ] || { echo "test-nested: no test executables" >&2; exit 1; }
+run_all="status=0; for t in ${tests[*]}; do echo \"     Running \$t\"; \"\$t\" --include-ignored --test-threads=1 || status=1; done; exit \$status"
+if [ -e /sys/module/kvm_intel ] || [ -e /sys/module/kvm_amd ]; then
+    echo "test-nested: hardware KVM here: running directly" >&2
+    bash -c "$run_all" 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+else
+    bash fixtures/nested/run.sh bash -c "$run_all" 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+fi
+sum() { tr -d '\r' < "$log" | grep -E '^test result:' | grep -oE "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }
+echo
+echo "$(sum passed) passed, $(sum failed) failed"
+exit "$status"
