@@ -13,7 +13,7 @@ cargo build -q -p boxlet-kvm --bins || exit 1
 mapfile -t tests < <(cargo test -q -p boxlet-kvm --no-run --message-format=json 2>/dev/null |
     grep '"profile":{[^}]*"test":true' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
 [ ${#tests[@]} -gt 0 ] || { echo "test-nested: no test executables" >&2; exit 1; }
-run_all="status=0; for t in ${tests[*]}; do echo \"     Running \$t\"; \"\$t\" --include-ignored --test-threads=1 || status=1; done; exit \$status"
+run_all="status=0; for t in ${tests[*]}; do echo \"     Running \$t\"; \"\$t\" --include-ignored --test-threads=1 --color never || status=1; done; exit \$status"
 if [ -e /sys/module/kvm_intel ] || [ -e /sys/module/kvm_amd ]; then
     echo "test-nested: hardware KVM here: running directly" >&2
     bash -c "$run_all" 2>&1 | tee "$log"

@@ -414,8 +414,20 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
     })
 }
 
-/// Run one vCPU until the guest ends or something fails.
-fn run_vcpu(index: usize, mut vcpu: VcpuFd, ports: Arc<Mutex<PortBus>>) -> Result<(), VmmError> {
+/// Run one vCPU until the guest ends or something fails. With `BOXLET_VMM_TIMINGS` set,
+/// vCPU 0 reports on stderr how long after `started` it first entered the guest.
+fn run_vcpu(
+    index: usize,
+    mut vcpu: VcpuFd,
+    ports: Arc<Mutex<PortBus>>,
+    started: std::time::Instant,
+) -> Result<(), VmmError> {
+    if index == 0 && std::env::var_os("BOXLET_VMM_TIMINGS").is_some() {
+        eprintln!(
+            "boxlet-vmm: first KVM_RUN {:.3} ms after start",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
     loop {
         let exit = vcpu
             .run()
@@ -460,6 +472,7 @@ fn run_vcpu(index: usize, mut vcpu: VcpuFd, ports: Arc<Mutex<PortBus>>) -> Resul
 /// Boot the VM described by `spec` and run it to its end. `Ok` when the guest reset or
 /// powered off.
 pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
+    let started = std::time::Instant::now();
     let machine = build(spec, &spec.cmdline)?;
     let (tx, rx) = std::sync::mpsc::channel();
     for (i, vcpu) in machine.vcpus.into_iter().enumerate() {
@@ -468,7 +481,7 @@ pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
         std::thread::Builder::new()
             .name(format!("vcpu{i}"))
             .spawn(move || {
-                let _ = tx.send(run_vcpu(i, vcpu, ports));
+                let _ = tx.send(run_vcpu(i, vcpu, ports, started));
             })?;
     }
     drop(tx);
