@@ -361,10 +361,23 @@ struct Machine {
     ports: Arc<Mutex<PortBus>>,
 }
 
+/// Phase timings on stderr when `BOXLET_VMM_TIMINGS` is set.
+fn phase(start: std::time::Instant, what: &str) {
+    if std::env::var_os("BOXLET_VMM_TIMINGS").is_some() {
+        eprintln!(
+            "boxlet-vmm: {what}: {:.3} ms",
+            start.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+}
+
 fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
+    let t = std::time::Instant::now();
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("create_vm"))?;
+    phase(t, "vm created");
     let mem = guest_memory(u64::from(spec.memory_mib) << 20)?;
+    phase(t, "memory mapped");
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_bindings::kvm_userspace_memory_region {
             slot: slot as u32,
@@ -393,7 +406,9 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
         serial: Serial::new(IrqLine(irq), Console),
     }));
 
+    phase(t, "devices");
     let entry = load_kernel(&mem, spec, cmdline)?;
+    phase(t, "kernel loaded");
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("get_supported_cpuid"))?;
@@ -404,6 +419,7 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
         setup_vcpu(&vcpu, &mem, i, count, &cpuid, entry)?;
         vcpus.push(vcpu);
     }
+    phase(t, "vcpus set up");
     // The memory mapping must outlive every vCPU: leak it (the process ends with the VM).
     std::mem::forget(mem);
     Ok(Machine {
