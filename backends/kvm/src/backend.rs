@@ -83,12 +83,6 @@ impl Hypervisor for KvmBackend {
                 what: "directory shares (virtio-fs) in this VMM so far".into(),
             });
         }
-        if !spec.disks.is_empty() {
-            return Err(HypervisorError::Unsupported {
-                backend: NAME,
-                what: "disks (virtio-blk) in this VMM so far".into(),
-            });
-        }
         let spec_path = spec.run_dir.join("vmm.json");
         let json = serde_json::to_vec(&spec).map_err(|e| start(e.to_string()))?;
         std::fs::write(&spec_path, json).map_err(|e| start(e.to_string()))?;

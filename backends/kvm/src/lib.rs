@@ -9,6 +9,7 @@
 //! runtime's boot, which needs vsock, cannot use it), the KVM probe.
 
 mod backend;
+pub mod virtio;
 pub mod vmm;
 
 pub use backend::{find_vmm, KvmBackend, KvmVm};

@@ -25,6 +25,9 @@ use vm_memory::{
     GuestMemoryRegion,
 };
 use vm_superio::{Serial, Trigger};
+
+use crate::virtio::block::{Block, Disk, Qcow2Disk, RawDisk};
+use crate::virtio::mmio::MmioTransport;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Why the VMM stopped, or could not start.
@@ -74,6 +77,13 @@ const EBDA_START: u64 = 0x9fc00;
 const HIGH_RAM_START: u64 = 0x10_0000;
 /// The largest guest RAM this layout supports (one region below the 32-bit MMIO hole).
 const MAX_RAM: u64 = 0xc000_0000;
+
+/// virtio-mmio windows: one 4 KiB page each from here, interrupts from GSI 5.
+const MMIO_BASE: u64 = 0xd000_0000;
+const MMIO_SIZE: u64 = 0x1000;
+const MMIO_FIRST_IRQ: u32 = 5;
+/// Legacy interrupt lines 5-15 minus the serial's: room for this many devices.
+const MAX_MMIO_DEVICES: usize = 10;
 
 const SERIAL_PORT: u16 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
@@ -357,8 +367,37 @@ fn setup_vcpu(
 struct Machine {
     _kvm: Kvm,
     _vm: VmFd,
+    _mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     ports: Arc<Mutex<PortBus>>,
+    mmio: Arc<MmioBus>,
+}
+
+/// The virtio-mmio devices, each behind its own lock.
+#[derive(Default)]
+struct MmioBus {
+    devices: Vec<Mutex<MmioTransport>>,
+}
+
+impl MmioBus {
+    fn find(&self, addr: u64) -> Option<(&Mutex<MmioTransport>, u64)> {
+        let off = addr.checked_sub(MMIO_BASE)?;
+        let i = usize::try_from(off / MMIO_SIZE).ok()?;
+        self.devices.get(i).map(|d| (d, off % MMIO_SIZE))
+    }
+
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
+            Some((d, off)) => d.lock().unwrap_or_else(|e| e.into_inner()).read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((d, off)) = self.find(addr) {
+            d.lock().unwrap_or_else(|e| e.into_inner()).write(off, data);
+        }
+    }
 }
 
 /// Phase timings on stderr when `BOXLET_VMM_TIMINGS` is set.
@@ -369,6 +408,38 @@ fn phase(start: std::time::Instant, what: &str) {
             start.elapsed().as_secs_f64() * 1000.0
         );
     }
+}
+
+/// The VM's virtio devices (disks so far) and their kernel command-line announcements.
+fn devices(vm: &VmFd, spec: &VmSpec, mem: &GuestMemoryMmap) -> Result<(MmioBus, String), VmmError> {
+    let mut bus = MmioBus::default();
+    let mut announce = String::new();
+    if spec.disks.len() > MAX_MMIO_DEVICES {
+        return Err(VmmError::Memory(format!(
+            "{} disks: at most {MAX_MMIO_DEVICES}",
+            spec.disks.len()
+        )));
+    }
+    for (i, d) in spec.disks.iter().enumerate() {
+        let disk: Box<dyn Disk> = match d.format {
+            boxlet::DiskFormat::Raw => Box::new(RawDisk::open(&d.path, d.read_only)?),
+            boxlet::DiskFormat::Qcow2 => Box::new(Qcow2Disk::open(&d.path, d.read_only)?),
+        };
+        let id = format!("boxlet-vd{i}");
+        let dev = Block::new(disk, d.read_only, &id);
+        let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        let gsi = MMIO_FIRST_IRQ + i as u32;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(kvm_err("register_irqfd"))?;
+        bus.devices.push(Mutex::new(MmioTransport::new(
+            Box::new(dev),
+            mem.clone(),
+            irq,
+        )));
+        let base = MMIO_BASE + i as u64 * MMIO_SIZE;
+        announce.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    }
+    Ok((bus, announce))
 }
 
 fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
@@ -406,8 +477,9 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
         serial: Serial::new(IrqLine(irq), Console),
     }));
 
+    let (mmio, announce) = devices(&vm, spec, &mem)?;
     phase(t, "devices");
-    let entry = load_kernel(&mem, spec, cmdline)?;
+    let entry = load_kernel(&mem, spec, &format!("{cmdline}{announce}"))?;
     phase(t, "kernel loaded");
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -420,13 +492,13 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
         vcpus.push(vcpu);
     }
     phase(t, "vcpus set up");
-    // The memory mapping must outlive every vCPU: leak it (the process ends with the VM).
-    std::mem::forget(mem);
     Ok(Machine {
         _kvm: kvm,
         _vm: vm,
+        _mem: mem,
         vcpus,
         ports,
+        mmio: Arc::new(mmio),
     })
 }
 
@@ -436,6 +508,7 @@ fn run_vcpu(
     index: usize,
     mut vcpu: VcpuFd,
     ports: Arc<Mutex<PortBus>>,
+    mmio: Arc<MmioBus>,
     started: std::time::Instant,
 ) -> Result<(), VmmError> {
     if index == 0 && std::env::var_os("BOXLET_VMM_TIMINGS").is_some() {
@@ -460,12 +533,14 @@ fn run_vcpu(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .write(port, data),
-            // No MMIO devices yet: reads see all ones, writes go nowhere.
-            VcpuExit::MmioRead(_, data) => {
-                data.fill(0xff);
+            VcpuExit::MmioRead(addr, data) => {
+                mmio.read(addr, data);
                 Next::Continue
             }
-            VcpuExit::MmioWrite(..) => Next::Continue,
+            VcpuExit::MmioWrite(addr, data) => {
+                mmio.write(addr, data);
+                Next::Continue
+            }
             VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => Next::End,
             VcpuExit::Hlt => Next::End,
             VcpuExit::FailEntry(reason, cpu) => {
@@ -489,15 +564,16 @@ fn run_vcpu(
 /// powered off.
 pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
     let started = std::time::Instant::now();
-    let machine = build(spec, &spec.cmdline)?;
+    let mut machine = build(spec, &spec.cmdline)?;
     let (tx, rx) = std::sync::mpsc::channel();
-    for (i, vcpu) in machine.vcpus.into_iter().enumerate() {
+    for (i, vcpu) in std::mem::take(&mut machine.vcpus).into_iter().enumerate() {
         let ports = Arc::clone(&machine.ports);
+        let mmio = Arc::clone(&machine.mmio);
         let tx = tx.clone();
         std::thread::Builder::new()
             .name(format!("vcpu{i}"))
             .spawn(move || {
-                let _ = tx.send(run_vcpu(i, vcpu, ports, started));
+                let _ = tx.send(run_vcpu(i, vcpu, ports, mmio, started));
             })?;
     }
     drop(tx);

@@ -29,6 +29,26 @@ fn kernel() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// Wait for `vm` to end, stopping it after two minutes (a hang guard, not a speed
+/// limit: boots here take seconds) and showing its console then.
+async fn wait(vm: &mut Box<dyn boxlet::hypervisor::Vm>, console: &Path) -> VmExit {
+    match tokio::time::timeout(Duration::from_secs(60), vm.wait()).await {
+        Ok(exit) => exit.unwrap(),
+        Err(_) => {
+            let _ = vm.stop(Duration::from_secs(1)).await;
+            let stderr = console
+                .parent()
+                .map(|d| d.join("vmm.stderr"))
+                .unwrap_or_default();
+            panic!(
+                "the VM hung; console:\n{}\nvmm stderr:\n{}",
+                boxlet::console::console_tail(console, 60),
+                std::fs::read_to_string(stderr).unwrap_or_default()
+            );
+        }
+    }
+}
+
 fn backend() -> KvmBackend {
     // Test binaries live in target/<profile>/deps; boxlet-vmm one level up.
     if std::env::var_os("BOXLET_VMM").is_none() {
@@ -81,7 +101,7 @@ async fn the_guest_kernel_boots_to_its_init_and_resets() {
         2,
     );
     let mut vm = hv.create(s).await.unwrap();
-    let exit = vm.wait().await.unwrap();
+    let exit = wait(&mut vm, &dir.path().join("console.log")).await;
     let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
     assert_eq!(exit, VmExit::Shutdown, "{console}");
     assert!(console.contains("boxlet-l2-init-ran"), "{console}");
@@ -94,7 +114,7 @@ async fn a_guest_panic_and_a_killed_vmm_are_reported() {
     let hv = backend();
     // init exits: the kernel panics.
     let mut vm = hv.create(spec(dir.path(), "exit 0", 1)).await.unwrap();
-    match vm.wait().await.unwrap() {
+    match wait(&mut vm, &dir.path().join("console.log")).await {
         VmExit::GuestPanic(line) => assert!(line.contains("kill init"), "{line}"),
         other => panic!("{other:?}"),
     }
@@ -127,4 +147,74 @@ async fn specs_it_cannot_serve_are_refused_by_name() {
     });
     let e = hv.create(s).await.unwrap_err();
     assert!(e.to_string().contains("directory shares"), "{e}");
+}
+
+/// The busybox test tree (fixtures/rootfs/busybox-box.sh).
+fn box_tree() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/rootfs/busybox-box.sh");
+    let out = Command::new("bash").arg(script).output().unwrap();
+    assert!(out.status.success(), "busybox-box.sh (make setup)");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[tokio::test]
+#[ignore = "needs a KVM that boots Linux: make test-nested"]
+async fn an_ext4_root_on_a_qcow2_overlay_keeps_its_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hv = backend();
+    // The base: the busybox tree with an init that shows and then extends its state.
+    let mut tree = boxlet_ext4::Tree::from_dir(&box_tree()).unwrap();
+    let init = "#!/bin/sh\nmount -t proc proc /proc\necho boxlet-l2-state: $(cat /state 2>/dev/null || echo none)\necho written >> /state\nsync\nreboot -f\n";
+    tree.put(
+        "/boxlet-test-init",
+        boxlet_ext4::Node {
+            kind: boxlet_ext4::NodeKind::File(boxlet_ext4::FileData::Bytes(
+                init.as_bytes().to_vec(),
+            )),
+            meta: boxlet_ext4::NodeMeta {
+                mode: 0o755,
+                ..Default::default()
+            },
+        },
+    )
+    .unwrap();
+    let base = dir.path().join("base.ext4");
+    boxlet_ext4::build_file(&tree, &base, &boxlet_ext4::BuildOptions::default()).unwrap();
+    let before = std::fs::read(&base).unwrap();
+    let overlay = dir.path().join("box.qcow2");
+    boxlet_qcow2::create(
+        &overlay,
+        &boxlet_qcow2::CreateOptions::overlay("base.ext4", boxlet_qcow2::BackingFormat::Raw),
+    )
+    .unwrap();
+    let boot = |n: u32| {
+        let mut s = spec(dir.path(), "", 1);
+        s.initrd = None;
+        s.console_log = dir.path().join(format!("console{n}.log"));
+        s.cmdline = "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 root=/dev/vda rw \
+                     rootfstype=ext4 init=/boxlet-test-init"
+            .into();
+        s.disks = vec![boxlet::hypervisor::DiskSpec {
+            path: overlay.clone(),
+            format: boxlet::hypervisor::DiskFormat::Qcow2,
+            read_only: false,
+        }];
+        s
+    };
+    for (n, want) in [(1, "none"), (2, "written")] {
+        let s = boot(n);
+        let log = s.console_log.clone();
+        let mut vm = hv.create(s).await.unwrap();
+        let exit = wait(&mut vm, &log).await;
+        let console = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(exit, VmExit::Shutdown, "{console}");
+        assert!(
+            console.contains(&format!("boxlet-l2-state: {want}")),
+            "boot {n}: {console}"
+        );
+    }
+    assert!(
+        std::fs::read(&base).unwrap() == before,
+        "the base never changes"
+    );
 }

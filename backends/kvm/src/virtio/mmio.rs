@@ -1,0 +1,203 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, "modern").
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x786f_6278; // "xbox", little-endian-ish: any value is allowed
+
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FAILED: u32 = 0x80;
+const STATUS_NEEDS_RESET: u32 = 0x40;
+const INT_USED_RING: u32 = 1;
+const INT_CONFIG: u32 = 2;
+
+/// One device on the MMIO bus, with its queues and interrupt line.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    irq: EventFd,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmioTransport {
+    /// `device`, interrupting the guest through `irq` (a KVM irqfd).
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: EventFd) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&m| Queue::new(m).unwrap_or_else(|_| Queue::new(256).expect("256 is valid")))
+            .collect();
+        Self {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+        }
+    }
+
+    fn offered(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status = 0;
+    }
+
+    fn interrupt(&mut self, why: u32) {
+        self.interrupt_status |= why;
+        let _ = self.irq.write(1);
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` in the device's window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let v: u32 = match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR,
+            0x10 => match self.device_features_sel {
+                0 => self.offered() as u32,
+                1 => (self.offered() >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => self.queue().map_or(0, |q| u32::from(q.max_size())),
+            0x44 => self.queue().map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.interrupt_status,
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// A guest write of `data` at `offset` in the device's window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 || data.len() != 4 {
+            return; // no writable configuration
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        // Queue setup is only allowed before the driver is done with it.
+        let setup = self.status & STATUS_DRIVER_OK == 0;
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 if setup => {
+                if let Some(q) = self.queue() {
+                    // A size the queue refuses (0, not a power of 2, over max) is ignored.
+                    let _ = q.try_set_size(v as u16);
+                }
+            }
+            0x44 if setup => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x50 => self.notify(v),
+            0x64 => self.interrupt_status &= !v,
+            0x70 => {
+                if v == 0 {
+                    self.reset();
+                } else {
+                    // Features the driver took must be ones we offered.
+                    if self.driver_features & !self.offered() != 0 {
+                        self.status |= STATUS_FAILED;
+                        return;
+                    }
+                    self.status = v;
+                }
+            }
+            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if setup => {
+                let Some(q) = self.queue() else { return };
+                let (lo, hi) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
+                match offset & !4 {
+                    0x80 => q.set_desc_table_address(lo, hi),
+                    0x90 => q.set_avail_ring_address(lo, hi),
+                    _ => q.set_used_ring_address(lo, hi),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn notify(&mut self, index: u32) {
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        let Some(q) = self.queues.get_mut(index as usize) else {
+            return;
+        };
+        if !q.ready() {
+            return;
+        }
+        if !q.is_valid(&self.mem) {
+            // Rings outside guest memory or misaligned: the device stops until reset.
+            self.status |= STATUS_NEEDS_RESET;
+            self.interrupt(INT_CONFIG);
+            return;
+        }
+        if self.device.process_queue(index as usize, q, &self.mem) {
+            self.interrupt(INT_USED_RING);
+        }
+    }
+}

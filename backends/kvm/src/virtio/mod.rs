@@ -1,0 +1,42 @@
+//! virtio over MMIO (the transport, version 2) and the devices boxlet's VMM offers.
+//!
+//! Every value the guest writes (register offsets and sizes, queue sizes and addresses,
+//! descriptor chains) is checked: a bad access is ignored, a bad queue marks the device
+//! as needing a reset, a bad chain is completed with an error status. Nothing a guest
+//! does here makes the VMM panic.
+
+pub mod block;
+pub mod mmio;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// virtio 1.x (the only version the transport offers).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// A device behind the MMIO transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (2: block, 19: vsock, 26: fs).
+    fn device_type(&self) -> u32;
+    /// Feature bits offered (the transport adds `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// Largest size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Read device configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver notified queue `index`: process what it made available. Returns
+    /// whether any buffer was used (the transport then interrupts the guest).
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+}
+
+/// Read `data.len()` bytes of `config` at `offset`; out of range reads see zeros.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(off..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
