@@ -13,12 +13,10 @@ cargo build -q -p boxlet-kvm --bins || exit 1
 mapfile -t tests < <(cargo test -q -p boxlet-kvm --no-run --message-format=json 2>/dev/null |
     grep '"profile":{[^}]*"test":true' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
 [ ${#tests[@]} -gt 0 ] || { echo "test-nested: no test executables" >&2; exit 1; }
-# The virtio-blk root boot fails about one run in four inside L1 (a lost completion or a
-# guest oops right after the driver probes; under investigation, see issue 5's notes):
-# it runs only with NESTED_ALL=1 until that is fixed, so CI stays meaningful.
-skip="--skip an_ext4_root_on_a_qcow2_overlay_keeps_its_writes"
-[ -n "${NESTED_ALL:-}" ] && skip=
-run_all="status=0; for t in ${tests[*]}; do echo \"     Running \$t\"; \"\$t\" --include-ignored --test-threads=1 --color never $skip || status=1; done; exit \$status"
+# Known problem (issue 5): L2 boots inside L1 hang or oops now and then (seen: a silent
+# hang before init with `quiet`, an oops right after virtio_blk probes); each test has a
+# 60 s hang guard, so a bad run fails instead of blocking.
+run_all="status=0; for t in ${tests[*]}; do echo \"     Running \$t\"; \"\$t\" --include-ignored --test-threads=1 --color never || status=1; done; exit \$status"
 if [ -e /sys/module/kvm_intel ] || [ -e /sys/module/kvm_amd ]; then
     echo "test-nested: hardware KVM here: running directly" >&2
     bash -c "$run_all" 2>&1 | tee "$log"
