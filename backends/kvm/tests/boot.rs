@@ -80,7 +80,8 @@ fn spec(dir: &Path, script: &str, vcpus: u8) -> VmSpec {
         memory_mib: 256,
         kernel: kernel(),
         initrd: Some(initrd),
-        cmdline: "console=ttyS0 reboot=t panic=-1 quiet 8250.nr_uarts=1 rdinit=/init".into(),
+        // Not quiet: a failure shows how far the boot got.
+        cmdline: "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 rdinit=/init".into(),
         disks: Vec::new(),
         shares: Vec::new(),
         vsock: None,
