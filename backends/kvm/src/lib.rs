@@ -12,4 +12,4 @@ mod backend;
 pub mod virtio;
 pub mod vmm;
 
-pub use backend::{find_vmm, KvmBackend, KvmVm};
+pub use backend::{find_vmm, KvmBackend};

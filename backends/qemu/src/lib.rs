@@ -6,7 +6,7 @@
 //! as vhost-user needs. KVM accelerates where this host's KVM can boot Linux; elsewhere
 //! QEMU emulates (TCG), which works everywhere and costs tens of times the speed.
 //!
-//! Every process a VM starts (QEMU and its daemons) is owned by its [`QemuVm`]: killed
+//! Every process a VM starts (QEMU and its daemons) is owned by its VM handle: killed
 //! when the VM ends or the handle is dropped, and killed by the kernel if this process
 //! dies (`PR_SET_PDEATHSIG`); their sockets are removed with them.
 
@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use boxlet::hypervisor::{
     Acceleration, Capabilities, DiskFormat, Hypervisor, HypervisorError, Vm, VmExit, VmSpec,
 };
+use boxlet::process::{classify, owned, wait_or_stop, MonitoredVm};
 use tokio::process::{Child, Command};
 
 const NAME: &str = "qemu";
@@ -203,25 +204,6 @@ fn start_err(what: &str, msg: impl std::fmt::Display) -> HypervisorError {
     }
 }
 
-/// A command whose process dies with this one.
-///
-/// `PR_SET_PDEATHSIG` fires when the *thread* that spawned the process exits: create
-/// VMs from long-lived threads (a tokio worker, the main thread), not from a
-/// `spawn_blocking` thread, which exits when idle and would take the VM with it.
-fn owned(program: &Path) -> Command {
-    let mut c = Command::new(program);
-    c.kill_on_drop(true).stdin(Stdio::null());
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl,
-    // which is async-signal-safe.
-    unsafe {
-        c.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
-        });
-    }
-    c
-}
-
 /// Start a vhost-user daemon and wait for its socket.
 async fn start_daemon(
     what: &str,
@@ -327,7 +309,6 @@ impl Hypervisor for Qemu {
             .take()
             .ok_or_else(|| start_err("qemu", "no stdout"))?;
         let console_task = tokio::spawn(boxlet::console::pump_console(out, console_file));
-        let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(1);
         let monitor = Monitor {
             qemu,
             console_task,
@@ -336,11 +317,7 @@ impl Hypervisor for Qemu {
             console: spec.console_log.clone(),
             stderr_log,
         };
-        Ok(Box::new(QemuVm {
-            stop: stop_tx,
-            task: Some(tokio::spawn(monitor.run(stop_rx))),
-            exit: None,
-        }))
+        Ok(Box::new(MonitoredVm::spawn(|stop| monitor.run(stop))))
     }
 }
 
@@ -359,27 +336,8 @@ struct Monitor {
 
 impl Monitor {
     async fn run(mut self, mut stop: tokio::sync::mpsc::Receiver<Duration>) -> VmExit {
-        let mut stopped = false;
-        let status = tokio::select! {
-            s = self.qemu.wait() => s,
-            Some(grace) = stop.recv() => {
-                stopped = true;
-                // SIGTERM: QEMU flushes its disks and exits.
-                if let Some(pid) = self.qemu.id() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGTERM,
-                    );
-                }
-                match tokio::time::timeout(grace, self.qemu.wait()).await {
-                    Ok(s) => s,
-                    Err(_) => {
-                        let _ = self.qemu.start_kill();
-                        self.qemu.wait().await
-                    }
-                }
-            }
-        };
+        // A stop is SIGTERM first: QEMU flushes its disks and exits.
+        let (status, stopped) = wait_or_stop(&mut self.qemu, &mut stop).await;
         for d in &mut self.daemons {
             let _ = d.start_kill();
             let _ = d.wait().await;
@@ -389,77 +347,7 @@ impl Monitor {
         for s in &self.sockets {
             let _ = std::fs::remove_file(s);
         }
-        match status {
-            Ok(status) => self.classify(status, stopped),
-            Err(e) => VmExit::VmmFailed(format!("waiting for qemu: {e}")),
-        }
-    }
-
-    fn classify(&self, status: std::process::ExitStatus, stopped: bool) -> VmExit {
-        use std::os::unix::process::ExitStatusExt;
-        if stopped {
-            return VmExit::Stopped;
-        }
-        let console = boxlet::console::console_tail(&self.console, 200);
-        if let Some(line) = console
-            .lines()
-            .find(|l| l.contains("Kernel panic - not syncing"))
-        {
-            return VmExit::GuestPanic(line.trim().to_string());
-        }
-        if status.success() {
-            return VmExit::Shutdown;
-        }
-        let stderr = std::fs::read_to_string(&self.stderr_log).unwrap_or_default();
-        let how = match (status.code(), status.signal()) {
-            (Some(c), _) => format!("qemu exited with {c}"),
-            (None, Some(s)) => format!("qemu killed by signal {s}"),
-            _ => "qemu ended".into(),
-        };
-        VmExit::VmmFailed(format!("{how}: {}", stderr.trim()))
-    }
-}
-
-/// A running QEMU VM.
-#[derive(Debug)]
-pub struct QemuVm {
-    stop: tokio::sync::mpsc::Sender<Duration>,
-    task: Option<tokio::task::JoinHandle<VmExit>>,
-    exit: Option<VmExit>,
-}
-
-#[async_trait]
-impl Vm for QemuVm {
-    async fn wait(&mut self) -> Result<VmExit, HypervisorError> {
-        if let Some(exit) = &self.exit {
-            return Ok(exit.clone());
-        }
-        let Some(task) = self.task.as_mut() else {
-            return Ok(VmExit::Stopped);
-        };
-        let exit = task.await;
-        self.task = None;
-        let exit = exit.map_err(|e| HypervisorError::Io {
-            what: "the VM monitor".into(),
-            source: std::io::Error::other(e),
-        })?;
-        self.exit = Some(exit.clone());
-        Ok(exit)
-    }
-
-    async fn stop(&mut self, grace: Duration) -> Result<VmExit, HypervisorError> {
-        let _ = self.stop.try_send(grace);
-        self.wait().await
-    }
-}
-
-impl Drop for QemuVm {
-    fn drop(&mut self) {
-        // Stop it now; the monitor kills and removes everything. (If the runtime itself
-        // is gone, the monitor's processes die with it: kill_on_drop.)
-        if self.task.is_some() {
-            let _ = self.stop.try_send(Duration::ZERO);
-        }
+        classify("qemu", status, stopped, &self.console, &self.stderr_log)
     }
 }
 

@@ -5,11 +5,13 @@
 //! - [`vm`]: boot a VM on any backend to a ready agent.
 //! - [`initramfs`]: the agent's initramfs for directory roots.
 //! - [`console`]: bounded console logs.
+//! - [`process`]: waiting for, stopping and classifying VMM processes.
 
 pub mod agent;
 pub mod console;
 pub mod hypervisor;
 pub mod initramfs;
+pub mod process;
 pub mod vm;
 
 pub use agent::{AgentClient, AgentError, Connector, ExecEvent, ExecSession, Output};
