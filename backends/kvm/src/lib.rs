@@ -9,6 +9,7 @@
 //! runtime's boot, which needs vsock, cannot use it), the KVM probe.
 
 mod backend;
+pub mod mptable;
 pub mod virtio;
 pub mod vmm;
 

@@ -26,6 +26,7 @@ use vm_memory::{
 };
 use vm_superio::{Serial, Trigger};
 
+use crate::mptable;
 use crate::virtio::block::{Block, Disk, Qcow2Disk, RawDisk};
 use crate::virtio::mmio::MmioTransport;
 use vmm_sys_util::eventfd::EventFd;
@@ -292,6 +293,11 @@ fn setup_vcpu(
         }
     }
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set_cpuid2"))?;
+    set_lint(vcpu)?;
+    if index > 0 {
+        // The other vCPUs wait for the boot CPU's INIT and startup IPIs.
+        return Ok(());
+    }
 
     // A GDT with the segments the entry state describes (the kernel loads its own).
     let gdt: [u64; 4] = [
@@ -345,7 +351,12 @@ fn setup_vcpu(
     };
     vcpu.set_regs(&regs).map_err(kvm_err("set_regs"))?;
 
-    // Local APIC: LINT0 delivers the PIC's interrupts (ExtINT), LINT1 NMIs.
+    Ok(())
+}
+
+/// Local APIC: LINT0 delivers the PIC's interrupts (ExtINT), LINT1 NMIs, as the MP
+/// table says.
+fn set_lint(vcpu: &VcpuFd) -> Result<(), VmmError> {
     let mut lapic = vcpu.get_lapic().map_err(kvm_err("get_lapic"))?;
     let set_lvt = |regs: &mut [std::os::raw::c_char], off: usize, mode: u32| {
         let mut v = [0u8; 4];
@@ -444,6 +455,13 @@ fn devices(vm: &VmFd, spec: &VmSpec, mem: &GuestMemoryMmap) -> Result<(MmioBus, 
 
 fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
     let t = std::time::Instant::now();
+    let count = usize::from(spec.vcpus);
+    if !(1..=mptable::MAX_VCPUS).contains(&count) {
+        return Err(VmmError::Vcpu(
+            0,
+            format!("{count} vCPUs: from 1 to {}", mptable::MAX_VCPUS),
+        ));
+    }
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("create_vm"))?;
     phase(t, "vm created");
@@ -484,7 +502,8 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("get_supported_cpuid"))?;
-    let count = usize::from(spec.vcpus.max(1));
+    mem.write_slice(&mptable::build(count), GuestAddress(mptable::MPTABLE_ADDR))
+        .map_err(|e| VmmError::Memory(format!("writing the MP table: {e}")))?;
     let mut vcpus = Vec::with_capacity(count);
     for i in 0..count {
         let vcpu = vm.create_vcpu(i as u64).map_err(kvm_err("create_vcpu"))?;
@@ -518,9 +537,13 @@ fn run_vcpu(
         );
     }
     loop {
-        let exit = vcpu
-            .run()
-            .map_err(|e| VmmError::Vcpu(index, format!("KVM_RUN: {e}")))?;
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            // An application processor that just left its wait for INIT/SIPI, or a
+            // signal: enter again.
+            Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(VmmError::Vcpu(index, format!("KVM_RUN: {e}"))),
+        };
         let next = match exit {
             VcpuExit::IoIn(port, data) => {
                 ports
