@@ -8,6 +8,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 export BOXLET_KERNEL=${BOXLET_KERNEL:-$(BOXLET_KERNEL_CACHED_ONLY=1 bash fixtures/kernel/build.sh)} ||
     { echo "test-nested: no guest kernel: run scripts/setup.sh" >&2; exit 1; }
+export BOXLET_AGENT=${BOXLET_AGENT:-$(bash scripts/build-agent.sh)} ||
+    { echo "test-nested: building the agent failed" >&2; exit 1; }
 # Test executables of the KVM backend, and its VMM beside them.
 cargo build -q -p boxlet-kvm --bins || exit 1
 mapfile -t tests < <(cargo test -q -p boxlet-kvm --no-run --message-format=json 2>/dev/null |

@@ -36,8 +36,24 @@ pub fn find_vmm() -> Option<PathBuf> {
 }
 
 impl KvmBackend {
-    /// Find the VMM helper.
+    /// Check that this host's KVM can boot Linux ([`crate::probe`], cached per host
+    /// boot) and find the VMM helper. On a host whose KVM fails the probe this is an error
+    /// that says why and names the QEMU backend as the alternative.
     pub fn new() -> Result<Self, HypervisorError> {
+        let p = crate::probe::cached();
+        if !p.usable {
+            return Err(HypervisorError::Unavailable {
+                backend: NAME,
+                reason: p.reason,
+                alternative: "use the qemu backend (--backend qemu), which runs without KVM".into(),
+            });
+        }
+        Self::without_probe()
+    }
+
+    /// Find the VMM helper without probing KVM (for tests of the backend itself, and
+    /// callers that probed already).
+    pub fn without_probe() -> Result<Self, HypervisorError> {
         let vmm = find_vmm().ok_or(HypervisorError::MissingProgram {
             backend: NAME,
             program: "boxlet-vmm".into(),
@@ -63,7 +79,7 @@ impl Hypervisor for KvmBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             directory_shares: false,
-            vsock: false,
+            vsock: true,
             acceleration: Acceleration::Kvm,
         }
     }

@@ -10,6 +10,7 @@
 
 mod backend;
 pub mod mptable;
+pub mod probe;
 pub mod virtio;
 pub mod vmm;
 

@@ -29,6 +29,8 @@ use vm_superio::{Serial, Trigger};
 use crate::mptable;
 use crate::virtio::block::{Block, Disk, Qcow2Disk, RawDisk};
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::vsock::Vsock;
+use crate::virtio::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Why the VMM stopped, or could not start.
@@ -54,6 +56,9 @@ pub enum VmmError {
         /// Why.
         msg: String,
     },
+    /// A device could not be set up.
+    #[error("{0}")]
+    Device(String),
     /// A vCPU stopped on something the VMM cannot handle.
     #[error("vcpu {0}: {1}")]
     Vcpu(usize, String),
@@ -387,14 +392,14 @@ struct Machine {
 /// The virtio-mmio devices, each behind its own lock.
 #[derive(Default)]
 struct MmioBus {
-    devices: Vec<Mutex<MmioTransport>>,
+    devices: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl MmioBus {
     fn find(&self, addr: u64) -> Option<(&Mutex<MmioTransport>, u64)> {
         let off = addr.checked_sub(MMIO_BASE)?;
         let i = usize::try_from(off / MMIO_SIZE).ok()?;
-        self.devices.get(i).map(|d| (d, off % MMIO_SIZE))
+        self.devices.get(i).map(|d| (&**d, off % MMIO_SIZE))
     }
 
     fn read(&self, addr: u64, data: &mut [u8]) {
@@ -425,30 +430,42 @@ fn phase(start: std::time::Instant, what: &str) {
 fn devices(vm: &VmFd, spec: &VmSpec, mem: &GuestMemoryMmap) -> Result<(MmioBus, String), VmmError> {
     let mut bus = MmioBus::default();
     let mut announce = String::new();
-    if spec.disks.len() > MAX_MMIO_DEVICES {
+    let count = spec.disks.len() + usize::from(spec.vsock.is_some());
+    if count > MAX_MMIO_DEVICES {
         return Err(VmmError::Memory(format!(
-            "{} disks: at most {MAX_MMIO_DEVICES}",
-            spec.disks.len()
+            "{count} devices: at most {MAX_MMIO_DEVICES}"
         )));
     }
-    for (i, d) in spec.disks.iter().enumerate() {
-        let disk: Box<dyn Disk> = match d.format {
-            boxlet::DiskFormat::Raw => Box::new(RawDisk::open(&d.path, d.read_only)?),
-            boxlet::DiskFormat::Qcow2 => Box::new(Qcow2Disk::open(&d.path, d.read_only)?),
-        };
-        let id = format!("boxlet-vd{i}");
-        let dev = Block::new(disk, d.read_only, &id);
+    let mut add = |dev: Box<dyn VirtioDevice>| -> Result<(), VmmError> {
+        let i = bus.devices.len();
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
         let gsi = MMIO_FIRST_IRQ + i as u32;
         vm.register_irqfd(&irq, gsi)
             .map_err(kvm_err("register_irqfd"))?;
-        bus.devices.push(Mutex::new(MmioTransport::new(
-            Box::new(dev),
+        bus.devices.push(Arc::new(Mutex::new(MmioTransport::new(
+            dev,
             mem.clone(),
             irq,
-        )));
+        ))));
         let base = MMIO_BASE + i as u64 * MMIO_SIZE;
         announce.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        Ok(())
+    };
+    for (i, d) in spec.disks.iter().enumerate() {
+        let open = |e: std::io::Error| VmmError::Device(format!("disk {}: {e}", d.path.display()));
+        let disk: Box<dyn Disk> = match d.format {
+            boxlet::DiskFormat::Raw => Box::new(RawDisk::open(&d.path, d.read_only).map_err(open)?),
+            boxlet::DiskFormat::Qcow2 => {
+                Box::new(Qcow2Disk::open(&d.path, d.read_only).map_err(open)?)
+            }
+        };
+        let id = format!("boxlet-vd{i}");
+        add(Box::new(Block::new(disk, d.read_only, &id)))?;
+    }
+    if let Some(v) = &spec.vsock {
+        let dev = Vsock::new(u64::from(v.cid), &v.uds_path)
+            .map_err(|e| VmmError::Device(format!("vsock: {e}")))?;
+        add(Box::new(dev))?;
     }
     Ok((bus, announce))
 }
@@ -583,6 +600,43 @@ fn run_vcpu(
     }
 }
 
+/// A thread doing `dev`'s host-side work whenever its host descriptor is readable (for
+/// devices that have one).
+fn spawn_host_worker(dev: &Arc<Mutex<MmioTransport>>) -> Result<(), VmmError> {
+    let lock = |d: &Mutex<MmioTransport>| {
+        // A device thread that panicked left the lock poisoned; the state is still
+        // consistent enough to keep serving (every step checks what it reads).
+        d.lock().unwrap_or_else(|e| e.into_inner()).host_fd()
+    };
+    let Some(fd) = lock(dev) else {
+        return Ok(());
+    };
+    let dev = Arc::clone(dev);
+    std::thread::Builder::new()
+        .name("virtio-host".into())
+        .spawn(move || loop {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; the fd belongs to the device, which lives as long
+            // as the process (the VMM exits when the VM ends).
+            let r = unsafe { libc::poll(&mut p, 1, -1) };
+            if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                eprintln!(
+                    "boxlet-vmm: device poll: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            if r > 0 {
+                dev.lock().unwrap_or_else(|e| e.into_inner()).process_host();
+            }
+        })?;
+    Ok(())
+}
+
 /// Boot the VM described by `spec` and run it to its end. `Ok` when the guest reset or
 /// powered off.
 pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
@@ -598,6 +652,9 @@ pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
             .spawn(move || {
                 let _ = tx.send(run_vcpu(i, vcpu, ports, mmio, started));
             })?;
+    }
+    for dev in &machine.mmio.devices {
+        spawn_host_worker(dev)?;
     }
     drop(tx);
     // The first vCPU to finish decides: the VM is over either way (the process exits,

@@ -56,7 +56,7 @@ fn backend() -> KvmBackend {
         let vmm = exe.parent().unwrap().parent().unwrap().join("boxlet-vmm");
         std::env::set_var("BOXLET_VMM", vmm);
     }
-    KvmBackend::new().unwrap()
+    KvmBackend::without_probe().unwrap()
 }
 
 /// A VM whose init is `script` (run by busybox sh from an initramfs).

@@ -126,7 +126,7 @@ fn reads_writes_flushes_and_ids() {
             ],
         ],
     );
-    assert!(dev.process_queue(0, &mut q, &m));
+    assert!(dev.process_queue(0, std::slice::from_mut(&mut q), &m));
     for (s, at) in [
         (0, 0x10_0100),
         (1, 0x10_1100),
@@ -219,7 +219,7 @@ fn hostile_chains_get_errors_not_panics() {
     ] {
         m.write_slice(&[0xaa], GuestAddress(at)).unwrap();
     }
-    assert!(dev.process_queue(0, &mut q, &m));
+    assert!(dev.process_queue(0, std::slice::from_mut(&mut q), &m));
     assert_eq!(status(&m, 0x10_0100), 1, "past the end");
     assert_eq!(status(&m, 0x10_1100), 1, "crossing the end");
     assert_eq!(status(&m, 0x10_2100), 1, "write with device-writable data");
@@ -270,7 +270,7 @@ fn read_only_disks_refuse_writes() {
             (0x10_0100, 1, true),
         ]],
     );
-    dev.process_queue(0, &mut q, &m);
+    dev.process_queue(0, std::slice::from_mut(&mut q), &m);
     assert_eq!(status(&m, 0x10_0100), 1);
 }
 

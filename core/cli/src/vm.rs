@@ -22,7 +22,7 @@ pub enum VmCommand {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// The VMM backend.
-    #[arg(long, value_enum, default_value = "qemu")]
+    #[arg(long, value_enum, default_value = "auto")]
     backend: Backend,
     /// Guest kernel (default: $BOXLET_KERNEL, else the cached build).
     #[arg(long)]
@@ -43,6 +43,8 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
+    /// boxlet's own VMM when this host's KVM can boot Linux, else QEMU.
+    Auto,
     /// QEMU microvm (KVM where it can boot Linux, else TCG).
     Qemu,
     /// boxlet's own VMM on KVM.
@@ -52,7 +54,7 @@ pub enum Backend {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The VMM backend.
-    #[arg(long, value_enum, default_value = "qemu")]
+    #[arg(long, value_enum, default_value = "auto")]
     backend: Backend,
     /// Guest kernel (default: $BOXLET_KERNEL, else the one `boxlet kernel build` made).
     #[arg(long)]
@@ -113,17 +115,22 @@ pub fn run(cmd: VmCommand) -> Result<ExitCode> {
     }
 }
 
-fn backend(b: Backend) -> Result<Box<dyn Hypervisor>> {
+/// The backend to use. `auto` takes boxlet's own VMM when this host's KVM passes the
+/// probe (and the VM needs no directory share, which that VMM does not serve yet), else
+/// QEMU.
+fn backend(b: Backend, shares: bool) -> Result<Box<dyn Hypervisor>> {
     match b {
         Backend::Qemu => Ok(Box::new(boxlet_qemu::Qemu::new()?)),
-        Backend::Kvm => {
-            bail!("the kvm backend (boxlet's own VMM) is not built yet; use --backend qemu")
-        }
+        Backend::Kvm => Ok(Box::new(boxlet_kvm::KvmBackend::new()?)),
+        Backend::Auto => match boxlet_kvm::KvmBackend::new() {
+            Ok(k) if !shares || k.capabilities().directory_shares => Ok(Box::new(k)),
+            _ => Ok(Box::new(boxlet_qemu::Qemu::new()?)),
+        },
     }
 }
 
 async fn run_cmd(a: RunArgs) -> Result<i32> {
-    let hv = backend(a.backend)?;
+    let hv = backend(a.backend, a.fs.is_some())?;
     let kernel = crate::kernel::resolve(a.kernel.clone())?;
     let (root, agent) = match (&a.disk, &a.fs) {
         (Some(d), _) => {
@@ -239,7 +246,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 async fn bench(a: BenchArgs) -> Result<()> {
-    let hv = backend(a.backend)?;
+    let hv = backend(a.backend, false)?;
     let kernel = crate::kernel::resolve(a.kernel.clone())?;
     let accel = hv.capabilities().acceleration;
     if a.runs == 0 || a.execs == 0 {

@@ -7,10 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -133,6 +134,18 @@ impl Agent {
             Request::CopyOut { path } => copy_out(&writer, &path),
             Request::Shutdown => {
                 send_json(&writer, Kind::Done, &Done::default())?;
+                // vsock sends asynchronously: a reset right after the write can lose the
+                // answer. The host closes the connection once it has read it; wait for
+                // that (boundedly) before going down.
+                if let Ok(mut r) = reader.try_clone_conn() {
+                    let (tx, rx) = mpsc::channel();
+                    thread::spawn(move || {
+                        let mut b = [0u8; 256];
+                        while matches!(r.read(&mut b), Ok(n) if n > 0) {}
+                        let _ = tx.send(());
+                    });
+                    let _ = rx.recv_timeout(SHUTDOWN_ACK_WAIT);
+                }
                 self.shut_down();
                 Ok(())
             }
@@ -265,10 +278,16 @@ impl Agent {
         // Output pumps. Once `Exit` is sent they stop forwarding (a daemon the process
         // left behind may hold the pipes open long after).
         let exited = Arc::new(AtomicBool::new(false));
+        // Output read but not yet sent, by either pump.
+        let in_hand = Arc::new(AtomicUsize::new(0));
         let (pumped_tx, pumped_rx) = mpsc::channel::<()>();
+        // Second descriptors of the pipes' read ends: whether output is still waiting
+        // in them decides how long the exit waits for the pumps.
+        let mut probes = Vec::new();
         let pump = |src: Option<Box<dyn Read + Send>>, kind: Kind| {
             let w = Arc::clone(w);
             let exited = Arc::clone(&exited);
+            let in_hand = Arc::clone(&in_hand);
             let done = pumped_tx.clone();
             thread::spawn(move || {
                 if let Some(mut src) = src {
@@ -277,9 +296,11 @@ impl Agent {
                         match src.read(&mut buf) {
                             Ok(0) => break,
                             Ok(n) => {
-                                if exited.load(Ordering::SeqCst)
-                                    || send(&w, kind, &buf[..n]).is_err()
-                                {
+                                in_hand.fetch_add(1, Ordering::SeqCst);
+                                let stop = exited.load(Ordering::SeqCst)
+                                    || send(&w, kind, &buf[..n]).is_err();
+                                in_hand.fetch_sub(1, Ordering::SeqCst);
+                                if stop {
                                     break;
                                 }
                             }
@@ -291,18 +312,25 @@ impl Agent {
                 let _ = done.send(());
             });
         };
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        for fd in [
+            stdout.as_ref().map(|s| s.as_fd()),
+            stderr.as_ref().map(|s| s.as_fd()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Ok(p) = fd.try_clone_to_owned() {
+                probes.push(p);
+            }
+        }
         pump(
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            stdout.map(|s| Box::new(s) as Box<dyn Read + Send>),
             Kind::Stdout,
         );
         pump(
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            stderr.map(|s| Box::new(s) as Box<dyn Read + Send>),
             Kind::Stderr,
         );
         drop(pumped_tx);
@@ -366,15 +394,31 @@ impl Agent {
                 .unwrap_or_else(|_| Err(io::Error::other("waiter gone"))),
         };
         let _ = waiter.join();
-        // Output written before the exit comes first: wait for both pipes to end, but not
-        // forever (a process that daemonized keeps them open).
-        let deadline = std::time::Instant::now() + OUTPUT_GRACE;
-        for _ in 0..2 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if pumped_rx.recv_timeout(left).is_err() {
+        // Output written before the exit comes first: wait for both pipes to end. While
+        // output waits in a pipe or in a pump's hands the wait goes on (a busy guest may
+        // run the pumps late); once the pipes have been quiet, yet open, for
+        // OUTPUT_GRACE, it ends (a process that daemonized keeps them open).
+        let mut ended = 0;
+        let exit_seen = std::time::Instant::now();
+        let mut quiet_since = exit_seen;
+        while ended < 2 && exit_seen.elapsed() < OUTPUT_GRACE_MAX {
+            match pumped_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(()) => {
+                    ended += 1;
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let busy = in_hand.load(Ordering::SeqCst) > 0
+                || probes.iter().any(|p| crate::sys::readable_now(p.as_fd()));
+            if busy {
+                quiet_since = std::time::Instant::now();
+            } else if quiet_since.elapsed() >= OUTPUT_GRACE {
                 break;
             }
         }
+        drop(probes);
         exited.store(true, Ordering::SeqCst);
         let res = match status {
             Ok(status) => send_json(
@@ -396,8 +440,15 @@ impl Agent {
     }
 }
 
-/// How long output may keep coming after the process exited (from its descendants).
+/// How long a shutdown waits for the host to take its answer.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the output pipes may stay open and quiet after the process exited (its
+/// descendants may still write).
 const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+/// How long output may keep flowing after the process exited (a daemon it left behind
+/// that writes without end must not hold the exec open).
+const OUTPUT_GRACE_MAX: Duration = Duration::from_secs(10);
 const SIGKILL: i32 = 9;
 
 /// `program` found the way execvp would, in `path` (relative entries against `cwd`).

@@ -35,3 +35,16 @@ pub fn power_off() -> ! {
     // Only reached when rebooting is not allowed (not PID 1's namespace, no CAP_SYS_BOOT).
     std::process::exit(1)
 }
+
+/// Whether reading `fd` would not block right now: data is waiting, or every writer has
+/// closed (end of file to read).
+pub fn readable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP)),
+        _ => false,
+    }
+}

@@ -153,6 +153,16 @@ pub enum HypervisorError {
         /// What.
         what: String,
     },
+    /// The backend cannot run on this host at all.
+    #[error("the {backend} backend cannot run on this host: {reason}; {alternative}")]
+    Unavailable {
+        /// The backend.
+        backend: &'static str,
+        /// Why.
+        reason: String,
+        /// What to use instead.
+        alternative: String,
+    },
     /// A program the backend needs is missing.
     #[error("{backend}: {program} not found: {hint}")]
     MissingProgram {

@@ -139,6 +139,11 @@ impl RunningVm {
         &self.console
     }
 
+    /// The VM's private directory (sockets, the VMM's files); removed with the VM.
+    pub fn run_dir(&self) -> &Path {
+        self._run_dir.path()
+    }
+
     /// Wait for the VM to end by itself.
     pub async fn wait(mut self) -> Result<VmExit, HypervisorError> {
         self.vm.wait().await
@@ -147,7 +152,9 @@ impl RunningVm {
     /// Ask the agent to power off; stop the VM if it has not ended after `grace`.
     pub async fn shutdown(mut self, grace: Duration) -> Result<VmExit, HypervisorError> {
         let asked = tokio::time::timeout(grace, self.client.shutdown()).await;
-        if matches!(asked, Ok(Ok(()))) {
+        // An answer lost to the power-off (the connection ends instead) still means the
+        // guest is going down: wait for it either way, unless the agent did not respond.
+        if asked.is_ok() {
             if let Ok(exit) = tokio::time::timeout(grace, self.vm.wait()).await {
                 return exit;
             }

@@ -352,6 +352,29 @@ async fn a_daemon_holding_the_pipes_does_not_hold_the_exec() {
 }
 
 #[tokio::test]
+async fn a_daemon_that_writes_without_end_does_not_hold_the_exec() {
+    let a = agent();
+    let c = client(&a);
+    // Output keeps flowing after the shell exits; the agent waits for it a while (a busy
+    // guest may pump late) but not without end. (The outer timeout turns a hang into a
+    // failure.)
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        c.run(
+            sh("(while :; do echo more; sleep 0.05; done) & echo first"),
+            None,
+        ),
+    )
+    .await
+    .expect("the exec hung on its daemon's endless output")
+    .unwrap();
+    assert_eq!(out.status.code, Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.lines().any(|l| l == "first"), "{text}");
+    assert!(text.lines().all(|l| l == "first" || l == "more"), "{text}");
+}
+
+#[tokio::test]
 async fn output_beyond_the_limit_is_refused() {
     let a = agent();
     let c = client(&a).with_output_limit(10_000);

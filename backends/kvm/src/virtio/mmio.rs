@@ -72,6 +72,7 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        self.device.reset();
         for q in &mut self.queues {
             q.reset();
         }
@@ -184,19 +185,52 @@ impl MmioTransport {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
             return;
         }
-        let Some(q) = self.queues.get_mut(index as usize) else {
+        let Some(q) = self.queues.get(index as usize) else {
             return;
         };
-        if !q.ready() {
+        if !q.ready() || !self.queues_valid() {
             return;
         }
-        if !q.is_valid(&self.mem) {
-            // Rings outside guest memory or misaligned: the device stops until reset.
+        if self
+            .device
+            .process_queue(index as usize, &mut self.queues, &self.mem)
+        {
+            self.interrupt(INT_USED_RING);
+        }
+    }
+
+    /// Whether every ready queue lies in guest memory, properly aligned. When one does
+    /// not, the device stops until the driver resets it.
+    fn queues_valid(&mut self) -> bool {
+        if self
+            .queues
+            .iter()
+            .any(|q| q.ready() && !q.is_valid(&self.mem))
+        {
             self.status |= STATUS_NEEDS_RESET;
             self.interrupt(INT_CONFIG);
+            return false;
+        }
+        true
+    }
+
+    /// The device's host-side readiness descriptor (see [`VirtioDevice::host_fd`]).
+    pub fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.host_fd()
+    }
+
+    /// Host-side work for the device (its [`MmioTransport::host_fd`] became readable);
+    /// interrupts the guest when buffers were used.
+    pub fn process_host(&mut self) {
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
+            // Not running: host events are taken (and connections wait or fail).
+            self.device.process_host(&mut [], &self.mem);
             return;
         }
-        if self.device.process_queue(index as usize, q, &self.mem) {
+        if !self.queues_valid() {
+            return;
+        }
+        if self.device.process_host(&mut self.queues, &self.mem) {
             self.interrupt(INT_USED_RING);
         }
     }

@@ -6,7 +6,12 @@
 //! does here makes the VMM panic.
 
 pub mod block;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod mmio;
+pub mod vsock;
+
+use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -24,9 +29,21 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Read device configuration space at `offset`.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// The driver notified queue `index`: process what it made available. Returns
-    /// whether any buffer was used (the transport then interrupts the guest).
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// The driver notified queue `index` (one of `queues`, the device's queues, all
+    /// valid when ready): process what it made available. Returns whether any buffer was
+    /// used (the transport then interrupts the guest).
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// A file descriptor that becomes readable when the device has host-side work (its
+    /// sockets are ready); the VMM then calls [`VirtioDevice::process_host`].
+    fn host_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Do host-side work; returns whether any buffer was used.
+    fn process_host(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
+    /// The driver reset the device: drop all state.
+    fn reset(&mut self) {}
 }
 
 /// Read `data.len()` bytes of `config` at `offset`; out of range reads see zeros.

@@ -1,0 +1,424 @@
+//! What every boxlet backend's tests share: the fixtures (guest kernel, agent, busybox
+//! tree, ext4 base disks with and without the agent, qcow2 overlays) and the end-to-end
+//! box suite, written once against the `Hypervisor` trait and run by each backend's own
+//! tests (the QEMU backend's on any host; the KVM backend's where KVM boots Linux, such
+//! as inside the nested test machine).
+//!
+//! Needs the guest kernel (`boxlet kernel build`, or $BOXLET_KERNEL), the static agent
+//! ($BOXLET_AGENT, from scripts/build-agent.sh) and busybox-static: `make setup`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use boxlet::{boot, BootError, BootSpec, Exec, ExecEvent, Hypervisor, Root, VmExit};
+use sha2::{Digest, Sha256};
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Run a repository script and take its one line of output (a path).
+pub fn script_output(script: &str, env: &[(&str, &str)]) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo().join(script))
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {} (run `make setup` first)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// The guest kernel: $BOXLET_KERNEL, else the cached build.
+pub fn kernel() -> PathBuf {
+    std::env::var_os("BOXLET_KERNEL").map_or_else(
+        || {
+            script_output(
+                "fixtures/kernel/build.sh",
+                &[("BOXLET_KERNEL_CACHED_ONLY", "1")],
+            )
+        },
+        PathBuf::from,
+    )
+}
+
+/// The static agent ($BOXLET_AGENT).
+pub fn agent() -> PathBuf {
+    let p = PathBuf::from(
+        std::env::var_os("BOXLET_AGENT")
+            .expect("BOXLET_AGENT: the static agent (scripts/build-agent.sh; `make test` sets it)"),
+    );
+    assert!(p.is_file(), "{}", p.display());
+    p
+}
+
+/// The busybox test tree (fixtures/rootfs/busybox-box.sh).
+pub fn box_tree() -> PathBuf {
+    script_output("fixtures/rootfs/busybox-box.sh", &[])
+}
+
+/// An ext4 base disk of the busybox tree, with the agent unless told otherwise.
+pub fn base_disk(dir: &Path, with_agent: bool) -> PathBuf {
+    let mut tree = boxlet_ext4::Tree::from_dir(&box_tree()).unwrap();
+    if with_agent {
+        let agent = agent();
+        let size = std::fs::metadata(&agent).unwrap().len();
+        tree.put(
+            "/boxlet/bin/boxlet-guest",
+            boxlet_ext4::Node {
+                kind: boxlet_ext4::NodeKind::File(boxlet_ext4::FileData::Host {
+                    path: agent,
+                    size,
+                }),
+                meta: boxlet_ext4::NodeMeta {
+                    mode: 0o755,
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+    }
+    let img = dir.join("base.ext4");
+    boxlet_ext4::build_file(&tree, &img, &boxlet_ext4::BuildOptions::default()).unwrap();
+    img
+}
+
+/// A qcow2 overlay `name` in `dir` over the raw `base` beside it.
+pub fn overlay(dir: &Path, base: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    boxlet_qcow2::create(
+        &p,
+        &boxlet_qcow2::CreateOptions::overlay(
+            base.file_name().unwrap().to_str().unwrap(),
+            boxlet_qcow2::BackingFormat::Raw,
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// A file's sha256.
+pub fn sha256_file(p: &Path) -> Vec<u8> {
+    Sha256::digest(std::fs::read(p).unwrap()).to_vec()
+}
+
+/// `sh -c script`.
+pub fn sh(script: &str) -> Exec {
+    Exec {
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        ..Exec::default()
+    }
+}
+
+/// Processes whose command line mentions `needle` (a VM's run directory).
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(needle) {
+                found.push(c);
+            }
+        }
+    }
+    found
+}
+
+/// Nothing of a VM is left: no process mentions its run directory, which is gone.
+pub fn assert_nothing_left(run_dir: &Path) {
+    let name = run_dir.file_name().unwrap().to_str().unwrap().to_owned();
+    for _ in 0..200 {
+        if processes_mentioning(&name).is_empty() && !run_dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "left behind: processes {:?}, run dir exists: {}",
+        processes_mentioning(&name),
+        run_dir.exists()
+    );
+}
+
+/// A boot spec named "testbox" with the test kernel and agent.
+pub fn spec(root: Root) -> BootSpec {
+    let mut s = BootSpec::new("testbox", kernel(), root);
+    s.agent = Some(agent());
+    s
+}
+
+/// A box on a qcow2 overlay of an ext4 base with the agent: exit codes, stderr, a
+/// signal, stdin, 10 MiB of output by digest, 10 concurrent execs, files in and out, a
+/// write that survives a reboot and never reaches the base.
+pub async fn a_box_on_a_qcow2_overlay_runs_commands_and_keeps_its_writes(hv: &dyn Hypervisor) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_disk(dir.path(), true);
+    let base_sum = sha256_file(&base);
+    let disk = overlay(dir.path(), &base, "box.qcow2");
+    // The console outside the run directory: a failure shows it.
+    let console = dir.path().join("console.log");
+    let mut s = spec(Root::Disk {
+        path: disk.clone(),
+        read_only: false,
+    });
+    s.console_log = Some(console.clone());
+    let vm = boot(hv, s).await.unwrap();
+    let run_dir = vm.run_dir().to_path_buf();
+    let a = vm.agent();
+
+    // echo, exit codes, stderr apart from stdout.
+    let o = a
+        .run(sh("echo hello; echo oops >&2; exit 4"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (o.stdout.as_slice(), o.stderr.as_slice()),
+        (&b"hello\n"[..], &b"oops\n"[..])
+    );
+    assert_eq!(o.status.code, Some(4));
+    // The agent set the hostname and the clock.
+    let o = a.run(sh("hostname; date +%Y"), None).await.unwrap();
+    let year = 1970
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 31_556_952;
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap(),
+        format!("testbox\n{year}\n")
+    );
+
+    // A kill by signal.
+    let mut s = a.exec(sh("echo up; sleep 1000")).await.unwrap();
+    assert_eq!(
+        s.next().await.unwrap(),
+        Some(ExecEvent::Stdout(b"up\n".to_vec()))
+    );
+    s.signal(9).await.unwrap();
+    let mut last = None;
+    while let Some(ev) = s.next().await.unwrap() {
+        last = Some(ev);
+    }
+    match last {
+        Some(ExecEvent::Exit(st)) => assert_eq!((st.code, st.signal), (None, Some(9))),
+        other => panic!("{other:?}"),
+    }
+
+    // stdin through to the process.
+    let input: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let o = a
+        .run(
+            Exec {
+                args: vec!["cat".into()],
+                ..Exec::default()
+            },
+            Some(&input),
+        )
+        .await
+        .unwrap();
+    assert!(o.stdout == input, "cat gave back {} bytes", o.stdout.len());
+
+    // 10 MiB of output, checked by digest.
+    let o = a
+        .run(sh("yes 0123456789abcdef | head -c 10485760"), None)
+        .await
+        .unwrap();
+    let want: Vec<u8> = b"0123456789abcdef\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(10 << 20)
+        .collect();
+    assert_eq!(Sha256::digest(&o.stdout), Sha256::digest(&want));
+
+    // 10 concurrent execs.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            a.run(sh(&format!("sleep 1; echo exec-{i}")), None).await
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(
+            t.await.unwrap().unwrap().stdout,
+            format!("exec-{i}\n").into_bytes()
+        );
+    }
+
+    // Files in and out.
+    let host = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(host.path().join("payload/sub")).unwrap();
+    let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 256) as u8).collect();
+    std::fs::write(host.path().join("payload/sub/blob"), &blob).unwrap();
+    a.copy_in(&host.path().join("payload"), "/root")
+        .await
+        .unwrap();
+    let o = a
+        .run(sh("sha256sum /root/payload/sub/blob | cut -d' ' -f1"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap().trim(),
+        format!("{:x}", Sha256::digest(&blob))
+    );
+    a.run(
+        sh("mkdir -p /srv/out && echo made-in-guest > /srv/out/note"),
+        None,
+    )
+    .await
+    .unwrap();
+    a.copy_out("/srv/out", host.path()).await.unwrap();
+    assert_eq!(
+        std::fs::read(host.path().join("out/note")).unwrap(),
+        b"made-in-guest\n"
+    );
+
+    // A write that must survive a shutdown, in the overlay only.
+    let o = a
+        .run(sh("echo persisted > /root/state && sync"), None)
+        .await
+        .unwrap();
+    assert_eq!(o.status.code, Some(0));
+    let exit = vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        exit,
+        VmExit::Shutdown,
+        "console:\n{}",
+        boxlet::console::console_tail(&console, 40)
+    );
+    assert_nothing_left(&run_dir);
+    assert_eq!(sha256_file(&base), base_sum, "the base disk never changes");
+
+    let vm = boot(
+        hv,
+        spec(Root::Disk {
+            path: disk.clone(),
+            read_only: false,
+        }),
+    )
+    .await
+    .unwrap();
+    let o = vm.agent().run(sh("cat /root/state"), None).await.unwrap();
+    assert_eq!(o.stdout, b"persisted\n");
+    vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(sha256_file(&base), base_sum);
+    // The base, opened directly: no /root/state there.
+    let fs = boxlet_ext4::Ext4::open(&base).unwrap();
+    assert!(fs.stat("/root/state").is_err());
+}
+
+/// A box whose root is a host directory shared over virtio-fs; writes land there.
+pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
+    let dir = tempfile::tempdir().unwrap();
+    // A copy: the box writes into its root.
+    let root = dir.path().join("root");
+    let st = Command::new("cp")
+        .args(["-a", box_tree().to_str().unwrap(), root.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let vm = boot(hv, spec(Root::Dir { path: root.clone() }))
+        .await
+        .unwrap();
+    let run_dir = vm.run_dir().to_path_buf();
+    let o = vm
+        .agent()
+        .run(
+            sh("cat /etc/motd; echo from-guest > /home/app/hello; id -u"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.stdout, b"boxlet test root\n0\n");
+    let o = vm
+        .agent()
+        .run(
+            Exec {
+                user: Some("app".into()),
+                ..sh("id -u; id -g; echo $HOME")
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.stdout, b"1000\n1000\n/home/app\n");
+    vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    assert_nothing_left(&run_dir);
+    assert_eq!(
+        std::fs::read(root.join("home/app/hello")).unwrap(),
+        b"from-guest\n"
+    );
+    assert!(
+        !root.join("boxlet").exists(),
+        "the agent never lands in the directory"
+    );
+}
+
+/// A guest whose kernel panics (no init) fails the boot with the panic line.
+pub async fn a_guest_kernel_panic_is_an_error_not_a_hang(hv: &dyn Hypervisor) {
+    let dir = tempfile::tempdir().unwrap();
+    // No agent at the init path: the kernel panics ("No working init found").
+    let base = base_disk(dir.path(), false);
+    let mut s = spec(Root::Disk {
+        path: base,
+        read_only: true,
+    });
+    s.console_log = Some(dir.path().join("console.log"));
+    match boot(hv, s).await {
+        Err(BootError::EndedEarly {
+            exit: VmExit::GuestPanic(line),
+            console,
+        }) => {
+            assert!(line.contains("Kernel panic"), "{line}");
+            assert!(console.contains("Kernel panic"), "{console}");
+        }
+        other => panic!("expected a guest panic, got {other:?}"),
+    }
+}
+
+/// The VMM process (`vmm`, its program name) killed from outside: the running exec
+/// fails, the VM reports the signal, nothing is left behind.
+pub async fn a_killed_vmm_is_an_error_not_a_hang(hv: &dyn Hypervisor, vmm: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_disk(dir.path(), true);
+    let vm = boot(
+        hv,
+        spec(Root::Disk {
+            path: base,
+            read_only: true,
+        }),
+    )
+    .await
+    .unwrap();
+    let run_dir = vm.run_dir().to_path_buf();
+    let name = run_dir.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut s = vm.agent().exec(sh("sleep 1000")).await.unwrap();
+    // Kill the VMM from outside.
+    let st = Command::new("pkill")
+        .args(["-9", "-f", &format!("{vmm}.*{name}")])
+        .status()
+        .unwrap();
+    assert!(st.success(), "pkill found {vmm}");
+    // The exec's stream ends with an error, not a hang.
+    let mut res = Ok(None);
+    for _ in 0..10 {
+        res = s.next().await;
+        if res.is_err() {
+            break;
+        }
+    }
+    assert!(res.is_err(), "{res:?}");
+    let exit = vm.wait().await.unwrap();
+    assert!(
+        matches!(exit, VmExit::VmmFailed(ref m) if m.contains("signal 9")),
+        "{exit:?}"
+    );
+    assert_nothing_left(&run_dir);
+}
