@@ -10,8 +10,11 @@ export BOXLET_KERNEL=${BOXLET_KERNEL:-$(BOXLET_KERNEL_CACHED_ONLY=1 bash fixture
     { echo "test-nested: no guest kernel: run scripts/setup.sh" >&2; exit 1; }
 export BOXLET_AGENT=${BOXLET_AGENT:-$(bash scripts/build-agent.sh)} ||
     { echo "test-nested: building the agent failed" >&2; exit 1; }
-# Test executables of the KVM backend, and its VMM beside them.
-cargo build -q -p boxlet-kvm --bins || exit 1
+# Test executables of the KVM backend, and its VMM (the nested runner probes KVM with it).
+BOXLET_VMM=$(cargo build -q -p boxlet-kvm --bins --message-format=json |
+    grep -o '"executable":"[^"]*boxlet-vmm"' | cut -d'"' -f4) && [ -x "$BOXLET_VMM" ] ||
+    { echo "test-nested: building boxlet-vmm failed" >&2; exit 1; }
+export BOXLET_VMM
 mapfile -t tests < <(cargo test -q -p boxlet-kvm --no-run --message-format=json 2>/dev/null |
     grep '"profile":{[^}]*"test":true' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
 [ ${#tests[@]} -gt 0 ] || { echo "test-nested: no test executables" >&2; exit 1; }

@@ -8,11 +8,13 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use boxlet::VmSpec;
 use kvm_bindings::{kvm_fpu, kvm_pit_config, kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::start_info::{
@@ -32,6 +34,7 @@ use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vsock::Vsock;
 use crate::virtio::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 /// Why the VMM stopped, or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -393,6 +396,9 @@ struct Machine {
 #[derive(Default)]
 struct MmioBus {
     devices: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Per device, one ioeventfd per queue (KVM signals it when the guest writes that
+    /// queue's index to the notify register).
+    notifiers: Vec<Vec<EventFd>>,
 }
 
 impl MmioBus {
@@ -442,12 +448,21 @@ fn devices(vm: &VmFd, spec: &VmSpec, mem: &GuestMemoryMmap) -> Result<(MmioBus, 
         let gsi = MMIO_FIRST_IRQ + i as u32;
         vm.register_irqfd(&irq, gsi)
             .map_err(kvm_err("register_irqfd"))?;
+        let base = MMIO_BASE + i as u64 * MMIO_SIZE;
+        let mut notifiers = Vec::new();
+        for q in 0..dev.queue_max_sizes().len() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+            let at = IoEventAddress::Mmio(base + MmioTransport::NOTIFY_OFFSET);
+            vm.register_ioevent(&evt, &at, q as u32)
+                .map_err(kvm_err("register_ioevent"))?;
+            notifiers.push(evt);
+        }
+        bus.notifiers.push(notifiers);
         bus.devices.push(Arc::new(Mutex::new(MmioTransport::new(
             dev,
             mem.clone(),
             irq,
         ))));
-        let base = MMIO_BASE + i as u64 * MMIO_SIZE;
         announce.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         Ok(())
     };
@@ -516,9 +531,19 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
     phase(t, "devices");
     let entry = load_kernel(&mem, spec, &format!("{cmdline}{announce}"))?;
     phase(t, "kernel loaded");
-    let cpuid = kvm
+    let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("get_supported_cpuid"))?;
+    // KVM emulates the TSC-deadline timer but leaves its CPUID bit for the VMM to set.
+    // Without it the guest calibrates the local APIC timer against the PIT, which fails
+    // under nested emulation ("APIC timer disabled") and leaves it on the slow PIT.
+    if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        for e in cpuid.as_mut_slice() {
+            if e.function == 1 {
+                e.ecx |= 1 << 24;
+            }
+        }
+    }
     mem.write_slice(&mptable::build(count), GuestAddress(mptable::MPTABLE_ADDR))
         .map_err(|e| VmmError::Memory(format!("writing the MP table: {e}")))?;
     let mut vcpus = Vec::with_capacity(count);
@@ -553,12 +578,20 @@ fn run_vcpu(
             started.elapsed().as_secs_f64() * 1000.0
         );
     }
+    let mut dumped = DUMPS_ASKED.load(Ordering::SeqCst);
     loop {
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             // An application processor that just left its wait for INIT/SIPI, or a
             // signal: enter again.
-            Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => continue,
+            Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => {
+                let asked = DUMPS_ASKED.load(Ordering::SeqCst);
+                if asked != dumped {
+                    dumped = asked;
+                    dump_vcpu(index, &vcpu);
+                }
+                continue;
+            }
             Err(e) => return Err(VmmError::Vcpu(index, format!("KVM_RUN: {e}"))),
         };
         let next = match exit {
@@ -600,38 +633,55 @@ fn run_vcpu(
     }
 }
 
-/// A thread doing `dev`'s host-side work whenever its host descriptor is readable (for
-/// devices that have one).
-fn spawn_host_worker(dev: &Arc<Mutex<MmioTransport>>) -> Result<(), VmmError> {
-    let lock = |d: &Mutex<MmioTransport>| {
-        // A device thread that panicked left the lock poisoned; the state is still
-        // consistent enough to keep serving (every step checks what it reads).
-        d.lock().unwrap_or_else(|e| e.into_inner()).host_fd()
-    };
-    let Some(fd) = lock(dev) else {
-        return Ok(());
-    };
+/// A thread serving `dev`: the queue notifications KVM signals on `notifiers` (one
+/// eventfd per queue) and, for devices that have one, host-side readiness (sockets).
+/// Device work thus runs beside the vCPUs, not in their exits.
+fn spawn_device_worker(
+    dev: &Arc<Mutex<MmioTransport>>,
+    notifiers: &[EventFd],
+) -> Result<(), VmmError> {
+    // A thread that panicked while holding the lock left it poisoned; the transport
+    // re-checks everything it reads, so serving on is safe.
+    let host_fd = dev.lock().unwrap_or_else(|e| e.into_inner()).host_fd();
+    let notifiers: Vec<EventFd> = notifiers
+        .iter()
+        .map(|e| e.try_clone())
+        .collect::<Result<_, _>>()?;
     let dev = Arc::clone(dev);
     std::thread::Builder::new()
-        .name("virtio-host".into())
-        .spawn(move || loop {
-            let mut p = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd; the fd belongs to the device, which lives as long
-            // as the process (the VMM exits when the VM ends).
-            let r = unsafe { libc::poll(&mut p, 1, -1) };
-            if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                eprintln!(
-                    "boxlet-vmm: device poll: {}",
-                    std::io::Error::last_os_error()
-                );
-                return;
-            }
-            if r > 0 {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).process_host();
+        .name("virtio-dev".into())
+        .spawn(move || {
+            let mut fds: Vec<libc::pollfd> = notifiers
+                .iter()
+                .map(|e| e.as_raw_fd())
+                .chain(host_fd)
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            loop {
+                // SAFETY: `fds` is a valid array of pollfds whose descriptors the device
+                // and this thread keep open for the life of the process.
+                let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+                if r < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    eprintln!("boxlet-vmm: device poll: {e}");
+                    return;
+                }
+                let mut t = dev.lock().unwrap_or_else(|e| e.into_inner());
+                for (q, evt) in notifiers.iter().enumerate() {
+                    if fds[q].revents & libc::POLLIN != 0 && evt.read().is_ok() {
+                        t.notify(q as u32);
+                    }
+                }
+                if host_fd.is_some() && fds[notifiers.len()].revents & libc::POLLIN != 0 {
+                    t.process_host();
+                }
             }
         })?;
     Ok(())
@@ -642,23 +692,69 @@ fn spawn_host_worker(dev: &Arc<Mutex<MmioTransport>>) -> Result<(), VmmError> {
 pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
     let started = std::time::Instant::now();
     let mut machine = build(spec, &spec.cmdline)?;
+    // SIGUSR1 asks every vCPU to print its registers (for a guest that seems stuck);
+    // a real-time signal kicks the vCPU threads out of KVM_RUN to do it.
+    let _ = register_signal_handler(libc::SIGUSR1, on_dump_request);
+    let _ = register_signal_handler(SIGRTMIN(), on_kick);
     let (tx, rx) = std::sync::mpsc::channel();
+    let mut threads = Vec::new();
     for (i, vcpu) in std::mem::take(&mut machine.vcpus).into_iter().enumerate() {
         let ports = Arc::clone(&machine.ports);
         let mmio = Arc::clone(&machine.mmio);
         let tx = tx.clone();
-        std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .spawn(move || {
-                let _ = tx.send(run_vcpu(i, vcpu, ports, mmio, started));
-            })?;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || {
+                    let _ = tx.send(run_vcpu(i, vcpu, ports, mmio, started));
+                })?,
+        );
     }
-    for dev in &machine.mmio.devices {
-        spawn_host_worker(dev)?;
+    for (dev, notifiers) in machine.mmio.devices.iter().zip(&machine.mmio.notifiers) {
+        spawn_device_worker(dev, notifiers)?;
     }
     drop(tx);
     // The first vCPU to finish decides: the VM is over either way (the process exits,
     // taking the other vCPUs with it).
-    rx.recv()
-        .unwrap_or_else(|_| Err(VmmError::Vcpu(0, "every vCPU thread vanished".into())))
+    let mut kicked = DUMPS_ASKED.load(Ordering::SeqCst);
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(result) => return result,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(VmmError::Vcpu(0, "every vCPU thread vanished".into()))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let asked = DUMPS_ASKED.load(Ordering::SeqCst);
+        if asked != kicked {
+            kicked = asked;
+            for t in &threads {
+                let _ = t.kill(SIGRTMIN());
+            }
+        }
+    }
+}
+
+/// How many register dumps SIGUSR1 asked for.
+static DUMPS_ASKED: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_dump_request(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    DUMPS_ASKED.fetch_add(1, Ordering::SeqCst);
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// One line of a vCPU's state on stderr.
+fn dump_vcpu(index: usize, vcpu: &VcpuFd) {
+    let regs = vcpu.get_regs();
+    let sregs = vcpu.get_sregs();
+    let mp = vcpu.get_mp_state().map(|m| m.mp_state);
+    match (regs, sregs) {
+        (Ok(r), Ok(s)) => eprintln!(
+            "boxlet-vmm: vcpu {index}: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr3 {:#x} \
+             cr4 {:#x} efer {:#x} mp_state {mp:?}",
+            r.rip, r.rsp, r.rflags, s.cr0, s.cr3, s.cr4, s.efer
+        ),
+        (r, s) => eprintln!("boxlet-vmm: vcpu {index}: registers unreadable: {r:?} {s:?}"),
+    }
 }

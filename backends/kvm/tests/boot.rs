@@ -35,14 +35,23 @@ async fn wait(vm: &mut Box<dyn boxlet::hypervisor::Vm>, console: &Path) -> VmExi
     match tokio::time::timeout(Duration::from_secs(60), vm.wait()).await {
         Ok(exit) => exit.unwrap(),
         Err(_) => {
+            // Ask the VMM for its vCPUs' registers (SIGUSR1) before stopping it.
+            let dir = console.parent().unwrap().to_str().unwrap().to_owned();
+            let _ = Command::new("pkill")
+                .args(["-USR1", "-f", &format!("boxlet-vmm {dir}")])
+                .status();
+            tokio::time::sleep(Duration::from_secs(2)).await;
             let _ = vm.stop(Duration::from_secs(1)).await;
             let stderr = console
                 .parent()
                 .map(|d| d.join("vmm.stderr"))
                 .unwrap_or_default();
+            // The console without the kernel's long CPUID dumps.
+            let text = std::fs::read_to_string(console).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("CPUID[")).collect();
             panic!(
                 "the VM hung; console:\n{}\nvmm stderr:\n{}",
-                boxlet::console::console_tail(console, 60),
+                lines[lines.len().saturating_sub(60)..].join("\n"),
                 std::fs::read_to_string(stderr).unwrap_or_default()
             );
         }

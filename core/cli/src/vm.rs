@@ -245,6 +245,34 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Resident memory of the processes serving one VM (those whose command line names its
+/// run directory): (private and file-backed KiB, shared-memory KiB, process count). Guest
+/// RAM is a shared memfd, so the first number is what the VMM costs beyond the guest.
+fn vmm_memory(run_dir: &std::path::Path) -> (u64, u64, usize) {
+    let needle = run_dir.to_string_lossy().into_owned();
+    let (mut own, mut shared, mut n) = (0, 0, 0);
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmd).contains(&needle) {
+            continue;
+        }
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        own += kib("RssAnon:") + kib("RssFile:");
+        shared += kib("RssShmem:");
+        n += 1;
+    }
+    (own, shared, n)
+}
+
 async fn bench(a: BenchArgs) -> Result<()> {
     let hv = backend(a.backend, false)?;
     let kernel = crate::kernel::resolve(a.kernel.clone())?;
@@ -339,6 +367,9 @@ async fn bench(a: BenchArgs) -> Result<()> {
         vm.agent().ping().await?;
         ping_us.push(t.elapsed().as_secs_f64() * 1e6);
     }
+    // Memory of the VMM's processes (the VMM and its helper daemons), the guest's RAM
+    // (shared memfd pages) apart.
+    let (overhead_kib, guest_kib, procs) = vmm_memory(vm.run_dir());
     vm.shutdown(Duration::from_secs(30)).await?;
     let v = serde_json::json!({
         "backend": hv.name(),
@@ -351,6 +382,9 @@ async fn bench(a: BenchArgs) -> Result<()> {
         "execs": a.execs,
         "exec_true_round_trip_us_median": median(&mut exec_us),
         "ping_round_trip_us_median": median(&mut ping_us),
+        "vmm_processes": procs,
+        "vmm_resident_beyond_guest_ram_kib": overhead_kib,
+        "guest_ram_resident_kib": guest_kib,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -385,6 +419,11 @@ async fn bench(a: BenchArgs) -> Result<()> {
         println!(
             "agent ping round trip     {:>8.0} us",
             f("ping_round_trip_us_median")
+        );
+        println!(
+            "VMM memory beyond guest   {:>8.1} MiB ({procs} processes; guest RAM resident {:.0} MiB)",
+            overhead_kib as f64 / 1024.0,
+            guest_kib as f64 / 1024.0
         );
     }
     Ok(())

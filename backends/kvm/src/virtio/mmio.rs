@@ -150,7 +150,7 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            0x50 => self.notify(v),
+            Self::NOTIFY_OFFSET => self.notify(v),
             0x64 => self.interrupt_status &= !v,
             0x70 => {
                 if v == 0 {
@@ -181,7 +181,17 @@ impl MmioTransport {
         }
     }
 
-    fn notify(&mut self, index: u32) {
+    /// How many queues the device has.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The offset of the queue-notify register in the device's window (the VMM binds an
+    /// ioeventfd per queue there, so notifications skip the exit to user space).
+    pub const NOTIFY_OFFSET: u64 = 0x50;
+
+    /// The driver notified queue `index` (through the register or its ioeventfd).
+    pub fn notify(&mut self, index: u32) {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
             return;
         }
