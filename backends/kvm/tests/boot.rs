@@ -5,29 +5,16 @@
 //! (`make test-nested`, which passes `--include-ignored`); on a host with real KVM, run
 //! them with `cargo test -p boxlet-kvm -- --include-ignored`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use boxlet::hypervisor::{Hypervisor, VmExit, VmSpec};
 use boxlet::initramfs::Initramfs;
 use boxlet_kvm::KvmBackend;
+use boxlet_testkit as kit;
 
 const NEEDS_KVM: &str = "needs a KVM that boots Linux: make test-nested";
-
-fn kernel() -> PathBuf {
-    if let Some(k) = std::env::var_os("BOXLET_KERNEL") {
-        return k.into();
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kernel/build.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .env("BOXLET_KERNEL_CACHED_ONLY", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "no guest kernel: make setup");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 /// Wait for `vm` to end, stopping it after two minutes (a hang guard, not a speed
 /// limit: boots here take seconds) and showing its console then.
@@ -59,12 +46,7 @@ async fn wait(vm: &mut Box<dyn boxlet::hypervisor::Vm>, console: &Path) -> VmExi
 }
 
 fn backend() -> KvmBackend {
-    // Test binaries live in target/<profile>/deps; boxlet-vmm one level up.
-    if std::env::var_os("BOXLET_VMM").is_none() {
-        let exe = std::env::current_exe().unwrap();
-        let vmm = exe.parent().unwrap().parent().unwrap().join("boxlet-vmm");
-        std::env::set_var("BOXLET_VMM", vmm);
-    }
+    kit::helper_beside_tests("BOXLET_VMM", "boxlet-vmm");
     KvmBackend::without_probe().unwrap()
 }
 
@@ -87,7 +69,7 @@ fn spec(dir: &Path, script: &str, vcpus: u8) -> VmSpec {
         name: "l2".into(),
         vcpus,
         memory_mib: 256,
-        kernel: kernel(),
+        kernel: kit::kernel(),
         initrd: Some(initrd),
         // Not quiet: a failure shows how far the boot got.
         cmdline: "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 rdinit=/init".into(),
@@ -159,21 +141,13 @@ async fn specs_it_cannot_serve_are_refused_by_name() {
     assert!(e.to_string().contains("directory shares"), "{e}");
 }
 
-/// The busybox test tree (fixtures/rootfs/busybox-box.sh).
-fn box_tree() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/rootfs/busybox-box.sh");
-    let out = Command::new("bash").arg(script).output().unwrap();
-    assert!(out.status.success(), "busybox-box.sh (make setup)");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 #[tokio::test]
 #[ignore = "needs a KVM that boots Linux: make test-nested"]
 async fn an_ext4_root_on_a_qcow2_overlay_keeps_its_writes() {
     let dir = tempfile::tempdir().unwrap();
     let hv = backend();
     // The base: the busybox tree with an init that shows and then extends its state.
-    let mut tree = boxlet_ext4::Tree::from_dir(&box_tree()).unwrap();
+    let mut tree = boxlet_ext4::Tree::from_dir(&kit::box_tree()).unwrap();
     let init = "#!/bin/sh\nmount -t proc proc /proc\necho boxlet-l2-state: $(cat /state 2>/dev/null || echo none)\necho written >> /state\nsync\nreboot -f\n";
     tree.put(
         "/boxlet-test-init",

@@ -10,12 +10,7 @@ use boxlet_kvm::KvmBackend;
 use boxlet_testkit as kit;
 
 fn backend() -> KvmBackend {
-    // Test binaries live in target/<profile>/deps; boxlet-vmm one level up.
-    if std::env::var_os("BOXLET_VMM").is_none() {
-        let exe = std::env::current_exe().unwrap();
-        let vmm = exe.parent().unwrap().parent().unwrap().join("boxlet-vmm");
-        std::env::set_var("BOXLET_VMM", vmm);
-    }
+    kit::helper_beside_tests("BOXLET_VMM", "boxlet-vmm");
     // The probe must agree that this KVM boots Linux.
     KvmBackend::new().unwrap()
 }

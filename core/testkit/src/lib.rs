@@ -422,3 +422,14 @@ pub async fn a_killed_vmm_is_an_error_not_a_hang(hv: &dyn Hypervisor, vmm: &str)
     );
     assert_nothing_left(&run_dir);
 }
+
+/// For a backend's own tests: point `$var` at the helper binary `name` that cargo built
+/// into the target directory (test binaries run from `target/<profile>/deps`, binaries
+/// sit one level up), unless `$var` is already set.
+pub fn helper_beside_tests(var: &str, name: &str) {
+    if std::env::var_os(var).is_none() {
+        let exe = std::env::current_exe().unwrap();
+        let helper = exe.parent().unwrap().parent().unwrap().join(name);
+        std::env::set_var(var, helper);
+    }
+}
