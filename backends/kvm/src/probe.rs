@@ -10,8 +10,10 @@
 
 use std::path::PathBuf;
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit};
+
+use crate::vmm::segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// The probe's verdict.
@@ -81,22 +83,6 @@ fn code_marked(xsave: bool) -> (Vec<u8>, Vec<(usize, &'static str)>) {
     c.extend_from_slice(&[0xe6, MARKER_PORT as u8]); // out MARKER_PORT, al
     c.push(0xf4); // hlt
     (c, marks)
-}
-
-fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        ..Default::default()
-    }
 }
 
 /// Run the probe now.

@@ -260,8 +260,8 @@ fn load_kernel(mem: &GuestMemoryMmap, spec: &VmSpec, cmdline: &str) -> Result<u6
     Ok(entry)
 }
 
-/// A flat 4 GiB segment.
-fn segment(selector: u16, type_: u8) -> kvm_segment {
+/// A flat 4 GiB segment: 32-bit, or 64-bit code when `long`.
+pub(crate) fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -269,9 +269,9 @@ fn segment(selector: u16, type_: u8) -> kvm_segment {
         type_,
         present: 1,
         dpl: 0,
-        db: 1,
+        db: u8::from(!long),
         s: 1,
-        l: 0,
+        l: u8::from(long),
         g: 1,
         avl: 0,
         unusable: 0,
@@ -321,8 +321,8 @@ fn setup_vcpu(
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("get_sregs"))?;
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
-    sregs.cs = segment(0x08, 0xb);
-    let data = segment(0x10, 0x3);
+    sregs.cs = segment(0x08, 0xb, false);
+    let data = segment(0x10, 0x3, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
