@@ -4,7 +4,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -64,7 +64,32 @@ impl MmioTransport {
     }
 
     fn offered(&self) -> u64 {
-        self.device.features() | VIRTIO_F_VERSION_1
+        self.device.features() | VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    /// After the device used buffers: interrupt the guest if a queue's `used_event` asks
+    /// for it (with EVENT_IDX; always without it).
+    fn signal_used(&mut self) {
+        let mut notify = false;
+        for q in &mut self.queues {
+            if q.ready() {
+                // A used_event outside memory cannot be read: interrupt to be safe.
+                notify |= q.needs_notification(&self.mem).unwrap_or(true);
+            }
+        }
+        if notify {
+            self.interrupt(INT_USED_RING);
+        }
+    }
+
+    /// Publish, for every ready queue, where the device stopped taking buffers (the
+    /// `avail_event` of EVENT_IDX: the driver notifies once it adds past it).
+    fn rearm_notifications(&mut self) {
+        for q in &mut self.queues {
+            if q.ready() {
+                let _ = q.enable_notification(&self.mem);
+            }
+        }
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {
@@ -161,6 +186,12 @@ impl MmioTransport {
                         self.status |= STATUS_FAILED;
                         return;
                     }
+                    if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
+                        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+                        for q in &mut self.queues {
+                            q.set_event_idx(event_idx);
+                        }
+                    }
                     self.status = v;
                 }
             }
@@ -201,11 +232,23 @@ impl MmioTransport {
         if !q.ready() || !self.queues_valid() {
             return;
         }
-        if self
-            .device
-            .process_queue(index as usize, &mut self.queues, &self.mem)
-        {
-            self.interrupt(INT_USED_RING);
+        let i = index as usize;
+        let mut used = false;
+        loop {
+            let more = self.device.process_queue(i, &mut self.queues, &self.mem);
+            used |= more;
+            // Re-arm this queue; buffers the driver added meanwhile are taken at once
+            // (it will not notify for them), as long as the device makes progress.
+            let pending = self.queues[i]
+                .enable_notification(&self.mem)
+                .unwrap_or(false);
+            if !(more && pending) {
+                break;
+            }
+        }
+        self.rearm_notifications();
+        if used {
+            self.signal_used();
         }
     }
 
@@ -240,8 +283,10 @@ impl MmioTransport {
         if !self.queues_valid() {
             return;
         }
-        if self.device.process_host(&mut self.queues, &self.mem) {
-            self.interrupt(INT_USED_RING);
+        let used = self.device.process_host(&mut self.queues, &self.mem);
+        self.rearm_notifications();
+        if used {
+            self.signal_used();
         }
     }
 }

@@ -18,6 +18,9 @@ use vm_memory::GuestMemoryMmap;
 
 /// virtio 1.x (the only version the transport offers).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Notification suppression by ring indexes (`used_event` / `avail_event`), which the
+/// transport offers for every device.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// A device behind the MMIO transport.
 pub trait VirtioDevice: Send {
