@@ -47,6 +47,7 @@ corpus: setup
 fuzz-smoke: corpus
 	bash scripts/setup.sh fuzz
 	cd fuzz && for t in $$($(CARGO) +nightly fuzz list); do \
+		mkdir -p corpus/$$t && \
 		$(CARGO) +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_TIME) || exit 1; \
 	done
 

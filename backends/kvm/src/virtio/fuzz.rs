@@ -109,9 +109,9 @@ pub fn vsock(data: &[u8]) {
     dev.process_host(&mut q, &mem);
 }
 
-/// The MMIO transport: register reads and writes from `data` (4-byte offset/value
-/// pairs after the first 1 KiB, which is guest memory), with queue notifications
-/// reaching a block device.
+/// The MMIO transport: register reads and writes from `data` (7-byte records: offset,
+/// size and direction, value), with queue notifications reaching a block device; the
+/// same bytes are the guest memory, so queues set up by the records point into them.
 pub fn transport(data: &[u8]) {
     let mem = memory(data);
     let dev = Block::new(Box::new(MemDisk(vec![0; 4096])), false, "fuzz");
@@ -119,8 +119,7 @@ pub fn transport(data: &[u8]) {
         return;
     };
     let mut t = MmioTransport::new(Box::new(dev), mem, irq);
-    let ops = data.get(1024..).unwrap_or_default();
-    for op in ops.chunks_exact(7) {
+    for op in data.chunks_exact(7) {
         let offset = u64::from(u16::from_le_bytes([op[0], op[1]])) & 0x1ff;
         let len = [1usize, 2, 4, 8][usize::from(op[2] % 4)];
         if op[2] & 0x80 != 0 {
