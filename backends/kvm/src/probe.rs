@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit};
 
-use crate::vmm::segment;
+use crate::vmm::flat_segments;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// The probe's verdict.
@@ -168,13 +168,7 @@ fn try_run() -> Result<(), String> {
     sregs.gdt.limit = 23;
     sregs.idt.base = IDT;
     sregs.idt.limit = 16 * 4 - 1;
-    sregs.cs = segment(0x08, 0xb, true);
-    let data = segment(0x10, 0x3, false);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    flat_segments(&mut sregs, true);
     sregs.cr3 = PML4;
     sregs.cr4 = (1 << 5) | (1 << 9) | if xsave { 1 << 18 } else { 0 }; // PAE, OSFXSR, OSXSAVE
     sregs.cr0 = 0x8000_0033; // PG, NE, ET, MP, PE

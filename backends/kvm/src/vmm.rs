@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use boxlet::VmSpec;
-use kvm_bindings::{kvm_fpu, kvm_pit_config, kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_pit_config, kvm_regs, kvm_segment, kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -261,7 +263,7 @@ fn load_kernel(mem: &GuestMemoryMmap, spec: &VmSpec, cmdline: &str) -> Result<u6
 }
 
 /// A flat 4 GiB segment: 32-bit, or 64-bit code when `long`.
-pub(crate) fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -277,6 +279,19 @@ pub(crate) fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
         unusable: 0,
         padding: 0,
     }
+}
+
+/// Load flat segments: code at GDT selector 0x08 (64-bit when `long`), data at 0x10 in
+/// every data segment register. Returns the data segment.
+pub(crate) fn flat_segments(sregs: &mut kvm_sregs, long: bool) -> kvm_segment {
+    sregs.cs = segment(0x08, 0xb, long);
+    let data = segment(0x10, 0x3, false);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    data
 }
 
 /// Registers for the PVH entry: 32-bit protected mode, paging off, EBX = start info.
@@ -321,13 +336,7 @@ fn setup_vcpu(
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("get_sregs"))?;
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
-    sregs.cs = segment(0x08, 0xb, false);
-    let data = segment(0x10, 0x3, false);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    let data = flat_segments(&mut sregs, false);
     sregs.tr = kvm_segment {
         base: 0,
         limit: 0x67,
