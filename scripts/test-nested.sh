@@ -31,6 +31,8 @@ else
     # fresh L1, up to NESTED_RUNS times; the suite passes when one whole run passes (a
     # failure that is ours fails every run). Every run's output is printed.
     runs=${NESTED_RUNS:-3}
+    # A good run takes 3-9 minutes; a hung L1 must not eat CI's 90.
+    export NESTED_TIMEOUT=${NESTED_TIMEOUT:-720}
     for run in $(seq "$runs"); do
         : > "$log"
         bash fixtures/nested/run.sh bash -c "$run_all" 2>&1 | tee "$log"
