@@ -441,13 +441,14 @@ fn phase(start: std::time::Instant, what: &str) {
     }
 }
 
-/// The VM's virtio devices (disks so far) and their kernel command-line announcements.
+/// The VM's virtio devices (disks, then vsock) and their kernel command-line
+/// announcements.
 fn devices(vm: &VmFd, spec: &VmSpec, mem: &GuestMemoryMmap) -> Result<(MmioBus, String), VmmError> {
     let mut bus = MmioBus::default();
     let mut announce = String::new();
     let count = spec.disks.len() + usize::from(spec.vsock.is_some());
     if count > MAX_MMIO_DEVICES {
-        return Err(VmmError::Memory(format!(
+        return Err(VmmError::Device(format!(
             "{count} devices: at most {MAX_MMIO_DEVICES}"
         )));
     }

@@ -212,11 +212,6 @@ impl MmioTransport {
         }
     }
 
-    /// How many queues the device has.
-    pub fn queue_count(&self) -> usize {
-        self.queues.len()
-    }
-
     /// The offset of the queue-notify register in the device's window (the VMM binds an
     /// ioeventfd per queue there, so notifications skip the exit to user space).
     pub const NOTIFY_OFFSET: u64 = 0x50;
