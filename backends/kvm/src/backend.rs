@@ -4,8 +4,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use async_trait::async_trait;
-use boxlet::hypervisor::{Acceleration, Capabilities, Hypervisor, HypervisorError, Vm, VmSpec};
-use boxlet::process::{classify, owned, wait_or_stop, MonitoredVm};
+use boxlet::hypervisor::{
+    Acceleration, Capabilities, Hypervisor, HypervisorError, Vm, VmExit, VmSpec,
+};
+use boxlet::process::{
+    classify, find_program, owned, start_daemon, virtiofs_socket, virtiofsd_command, wait_or_stop,
+    MonitoredVm, VIRTIOFSD_HINT,
+};
+use tokio::process::Child;
 
 const NAME: &str = "kvm";
 
@@ -13,6 +19,8 @@ const NAME: &str = "kvm";
 #[derive(Debug, Clone)]
 pub struct KvmBackend {
     vmm: PathBuf,
+    /// Serves directory shares (the VMM's virtio-fs devices are its vhost-user frontends).
+    virtiofsd: Option<PathBuf>,
 }
 
 /// The `boxlet-vmm` helper: `$BOXLET_VMM`, else beside this executable (or its parent
@@ -61,7 +69,10 @@ impl KvmBackend {
                 "build it (cargo build -p boxlet-kvm) and put it beside boxlet, or set BOXLET_VMM"
                     .into(),
         })?;
-        Ok(Self { vmm })
+        Ok(Self {
+            vmm,
+            virtiofsd: find_program("virtiofsd"),
+        })
     }
 
     /// The helper this backend runs.
@@ -78,7 +89,7 @@ impl Hypervisor for KvmBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            directory_shares: false,
+            directory_shares: self.virtiofsd.is_some(),
             vsock: true,
             acceleration: Acceleration::Kvm,
         }
@@ -90,11 +101,22 @@ impl Hypervisor for KvmBackend {
             what: "boxlet-vmm".into(),
             msg,
         };
-        if !spec.shares.is_empty() {
-            return Err(HypervisorError::Unsupported {
-                backend: NAME,
-                what: "directory shares (virtio-fs) in this VMM so far".into(),
-            });
+        // One virtiofsd per share, listening before the VMM connects; they are killed if
+        // a later step fails (kill_on_drop) and when the VMM ends.
+        let mut daemons: Vec<Child> = Vec::new();
+        for (i, share) in spec.shares.iter().enumerate() {
+            let prog = self
+                .virtiofsd
+                .as_ref()
+                .ok_or(HypervisorError::MissingProgram {
+                    backend: NAME,
+                    program: "virtiofsd".into(),
+                    hint: VIRTIOFSD_HINT.into(),
+                })?;
+            let sock = virtiofs_socket(&spec.run_dir, i);
+            let log = spec.run_dir.join(format!("virtiofsd{i}.log"));
+            let cmd = virtiofsd_command(prog, share, &sock);
+            daemons.push(start_daemon(NAME, "virtiofsd", cmd, &sock, &log).await?);
         }
         let spec_path = spec.run_dir.join("vmm.json");
         let json = serde_json::to_vec(&spec).map_err(|e| start(e.to_string()))?;
@@ -112,10 +134,29 @@ impl Hypervisor for KvmBackend {
             .ok_or_else(|| start("no stdout".into()))?;
         let pump = tokio::spawn(boxlet::console::pump_console(out, console));
         let (console, stderr) = (spec.console_log.clone(), stderr_log);
+        let run_dir = spec.run_dir.clone();
         Ok(Box::new(MonitoredVm::spawn(move |mut stop| async move {
             let (status, stopped) = wait_or_stop(&mut child, &mut stop).await;
+            // A daemon that died first is likely why the VMM failed: say so.
+            let mut died = String::new();
+            for (i, d) in daemons.iter_mut().enumerate() {
+                if let Ok(Some(st)) = d.try_wait() {
+                    let log = run_dir.join(format!("virtiofsd{i}.log"));
+                    let tail = boxlet::console::console_tail(&log, 5);
+                    died.push_str(&format!(
+                        "; virtiofsd{i} had exited with {st}: {}",
+                        tail.trim()
+                    ));
+                }
+                let _ = d.start_kill();
+                let _ = d.wait().await;
+                let _ = std::fs::remove_file(virtiofs_socket(&run_dir, i));
+            }
             let _ = pump.await;
-            classify("boxlet-vmm", status, stopped, &console, &stderr)
+            match classify("boxlet-vmm", status, stopped, &console, &stderr) {
+                VmExit::VmmFailed(why) => VmExit::VmmFailed(why + &died),
+                exit => exit,
+            }
         })))
     }
 }

@@ -32,6 +32,7 @@ use vm_superio::{Serial, Trigger};
 
 use crate::mptable;
 use crate::virtio::block::{Block, Disk, Qcow2Disk, RawDisk};
+use crate::virtio::fs::Fs;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vsock::Vsock;
 use crate::virtio::VirtioDevice;
@@ -102,7 +103,7 @@ const I8042_PORT: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 
 /// Guest RAM backed by a memfd, so vhost-user daemons can map it too.
-fn guest_memory(bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+pub fn guest_memory(bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
     if !(64 << 20..=MAX_RAM).contains(&bytes) {
         return Err(VmmError::Memory(format!(
             "{} MiB: from 64 MiB to {} MiB",
@@ -441,12 +442,12 @@ fn phase(start: std::time::Instant, what: &str) {
     }
 }
 
-/// The VM's virtio devices (disks, then vsock) and their kernel command-line
+/// The VM's virtio devices (disks, vsock, then directory shares) and their kernel command-line
 /// announcements.
 fn devices(vm: &VmFd, spec: &VmSpec, mem: &GuestMemoryMmap) -> Result<(MmioBus, String), VmmError> {
     let mut bus = MmioBus::default();
     let mut announce = String::new();
-    let count = spec.disks.len() + usize::from(spec.vsock.is_some());
+    let count = spec.disks.len() + usize::from(spec.vsock.is_some()) + spec.shares.len();
     if count > MAX_MMIO_DEVICES {
         return Err(VmmError::Device(format!(
             "{count} devices: at most {MAX_MMIO_DEVICES}"
@@ -467,12 +468,18 @@ fn devices(vm: &VmFd, spec: &VmSpec, mem: &GuestMemoryMmap) -> Result<(MmioBus, 
                 .map_err(kvm_err("register_ioevent"))?;
             notifiers.push(evt);
         }
+        let kicks = if dev.external() {
+            notifiers
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
         bus.notifiers.push(notifiers);
-        bus.devices.push(Arc::new(Mutex::new(MmioTransport::new(
-            dev,
-            mem.clone(),
-            irq,
-        ))));
+        bus.devices.push(Arc::new(Mutex::new(
+            MmioTransport::new(dev, mem.clone(), irq).with_kicks(kicks),
+        )));
         announce.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         Ok(())
     };
@@ -490,6 +497,12 @@ fn devices(vm: &VmFd, spec: &VmSpec, mem: &GuestMemoryMmap) -> Result<(MmioBus, 
     if let Some(v) = &spec.vsock {
         let dev = Vsock::new(u64::from(v.cid), &v.uds_path)
             .map_err(|e| VmmError::Device(format!("vsock: {e}")))?;
+        add(Box::new(dev))?;
+    }
+    for (i, share) in spec.shares.iter().enumerate() {
+        let socket = boxlet::process::virtiofs_socket(&spec.run_dir, i);
+        let dev = Fs::connect(&socket, &share.tag)
+            .map_err(|e| VmmError::Device(format!("virtio-fs {:?}: {e}", share.tag)))?;
         add(Box::new(dev))?;
     }
     Ok((bus, announce))
@@ -652,7 +665,12 @@ fn spawn_device_worker(
 ) -> Result<(), VmmError> {
     // A thread that panicked while holding the lock left it poisoned; the transport
     // re-checks everything it reads, so serving on is safe.
-    let host_fd = dev.lock().unwrap_or_else(|e| e.into_inner()).host_fd();
+    let (host_fd, external) = {
+        let t = dev.lock().unwrap_or_else(|e| e.into_inner());
+        (t.host_fd(), t.external())
+    };
+    // A device served by another process: its notifiers are the daemon's to read.
+    let notifiers = if external { &[][..] } else { notifiers };
     let notifiers: Vec<EventFd> = notifiers
         .iter()
         .map(|e| e.try_clone())

@@ -128,17 +128,19 @@ async fn a_guest_panic_and_a_killed_vmm_are_reported() {
 }
 
 #[tokio::test]
-async fn specs_it_cannot_serve_are_refused_by_name() {
+async fn a_share_of_a_missing_directory_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let hv = backend();
     let mut s = spec(dir.path(), "true", 1);
+    let missing = dir.path().join("no-such-dir");
     s.shares.push(boxlet::hypervisor::ShareSpec {
         tag: "x".into(),
-        host_path: "/".into(),
+        host_path: missing.clone(),
         read_only: true,
     });
-    let e = hv.create(s).await.unwrap_err();
-    assert!(e.to_string().contains("directory shares"), "{e}");
+    let e = hv.create(s).await.unwrap_err().to_string();
+    assert!(e.contains("virtiofsd"), "{e}");
+    assert!(e.contains(missing.to_str().unwrap()), "{e}");
 }
 
 #[tokio::test]

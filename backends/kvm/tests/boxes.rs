@@ -6,8 +6,14 @@
 //! test-nested` passes `--include-ignored`); on a host with hardware KVM, run them with
 //! `cargo test -p boxlet-kvm -- --include-ignored`.
 
+use std::time::Duration;
+
 use boxlet_kvm::KvmBackend;
 use boxlet_testkit as kit;
+
+/// Each test's hang guard: a good run of the longest takes about a minute in the nested
+/// machine.
+const LIMIT: Duration = Duration::from_secs(300);
 
 fn backend() -> KvmBackend {
     kit::helper_beside_tests("BOXLET_VMM", "boxlet-vmm");
@@ -18,17 +24,40 @@ fn backend() -> KvmBackend {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a KVM that boots Linux: make test-nested"]
 async fn a_box_on_a_qcow2_overlay_runs_commands_and_keeps_its_writes() {
-    kit::a_box_on_a_qcow2_overlay_runs_commands_and_keeps_its_writes(&backend()).await;
+    kit::hang_guarded(
+        LIMIT,
+        kit::a_box_on_a_qcow2_overlay_runs_commands_and_keeps_its_writes(&backend()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a KVM that boots Linux: make test-nested"]
 async fn a_guest_kernel_panic_is_an_error_not_a_hang() {
-    kit::a_guest_kernel_panic_is_an_error_not_a_hang(&backend()).await;
+    kit::hang_guarded(
+        LIMIT,
+        kit::a_guest_kernel_panic_is_an_error_not_a_hang(&backend()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a KVM that boots Linux: make test-nested"]
 async fn a_killed_vmm_is_an_error_not_a_hang() {
-    kit::a_killed_vmm_is_an_error_not_a_hang(&backend(), "boxlet-vmm").await;
+    kit::hang_guarded(
+        LIMIT,
+        kit::a_killed_vmm_is_an_error_not_a_hang(&backend(), "boxlet-vmm"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a KVM that boots Linux: make test-nested"]
+async fn a_directory_root_over_virtio_fs() {
+    let hv = backend();
+    assert!(
+        boxlet::hypervisor::Hypervisor::capabilities(&hv).directory_shares,
+        "virtiofsd not found: `make setup` installs it"
+    );
+    kit::hang_guarded(LIMIT, kit::a_directory_root_over_virtio_fs(&hv)).await;
 }

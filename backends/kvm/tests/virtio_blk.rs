@@ -1,11 +1,14 @@
 //! virtio-blk and the MMIO transport driven the way a driver would, on the host (no KVM):
 //! descriptor chains built in guest memory, valid and hostile.
 
+mod common;
+
 use std::io;
 
 use boxlet_kvm::virtio::block::{Block, Disk};
 use boxlet_kvm::virtio::mmio::MmioTransport;
 use boxlet_kvm::virtio::VirtioDevice;
+use common::Ring;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -340,7 +343,7 @@ fn the_transport_negotiates_and_survives_garbage() {
 #[test]
 fn with_event_idx_the_guest_is_interrupted_only_when_it_asks() {
     let m = mem();
-    let vq = MockSplitQueue::new(&m, 16);
+    let vq = Ring::new(&m, 0x1_0000);
     let disk = MemDisk {
         data: vec![0; 1 << 20],
         flushes: 0,
@@ -351,7 +354,7 @@ fn with_event_idx_the_guest_is_interrupted_only_when_it_asks() {
         m.clone(),
         irq.try_clone().unwrap(),
     );
-    // Negotiate VERSION_1 and EVENT_IDX, then set up queue 0 where the mock rings are.
+    // Negotiate VERSION_1 and EVENT_IDX, then set up queue 0 where the rings are.
     set(&mut t, 0x14, 0);
     assert_ne!(reg(&mut t, 0x10) & (1 << 29), 0, "EVENT_IDX offered");
     set(&mut t, 0x24, 0);
@@ -360,40 +363,31 @@ fn with_event_idx_the_guest_is_interrupted_only_when_it_asks() {
     set(&mut t, 0x20, 1);
     set(&mut t, 0x70, 1 | 2 | 8);
     set(&mut t, 0x30, 0);
-    set(&mut t, 0x38, 16);
-    for (off, addr) in [
-        (0x80, vq.desc_table_addr()),
-        (0x90, vq.avail_addr()),
-        (0xa0, vq.used_addr()),
-    ] {
-        set(&mut t, off, addr.0 as u32);
-        set(&mut t, off + 4, (addr.0 >> 32) as u32);
+    set(&mut t, 0x38, u32::from(Ring::SIZE));
+    let (desc, avail, used) = vq.addrs();
+    for (off, addr) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+        set(&mut t, off, addr as u32);
+        set(&mut t, off + 4, (addr >> 32) as u32);
     }
     set(&mut t, 0x44, 1);
     set(&mut t, 0x70, 1 | 2 | 8 | 4);
-    let used_event = vq.avail_addr().0 + 4 + 2 * 16;
-    let avail_event = vq.used_addr().0 + 4 + 8 * 16;
 
     // The driver wants an interrupt only once the used index passes 5: none now.
-    m.write_obj(5u16, GuestAddress(used_event)).unwrap();
+    vq.set_used_event(5);
     header(&m, 0x10_0000, 4, 0); // flush
-    add_chains(&vq, &[vec![(0x10_0000, 16, false), (0x10_0100, 1, true)]]);
+    vq.push(0, &[(0x10_0000, 16, false), (0x10_0100, 1, true)]);
     set(&mut t, 0x50, 0);
-    assert_eq!(vq.used().idx().load(), 1, "the request completed");
+    assert_eq!(vq.used_idx(), 1, "the request completed");
     assert!(irq.read().is_err(), "no interrupt: used_event is ahead");
     // The device published where it stopped: the driver notifies past it.
-    assert_eq!(m.read_obj::<u16>(GuestAddress(avail_event)).unwrap(), 1);
+    assert_eq!(vq.avail_event(), 1);
 
     // Now the driver asks to hear about the next one.
-    m.write_obj(1u16, GuestAddress(used_event)).unwrap();
+    vq.set_used_event(1);
     header(&m, 0x10_1000, 4, 0);
-    let descs = [
-        RawDescriptor::from(SplitDescriptor::new(0x10_1000, 16, NEXT, 3)),
-        RawDescriptor::from(SplitDescriptor::new(0x10_1100, 1, WRITE, 0)),
-    ];
-    vq.add_desc_chains(&descs, 2).unwrap();
+    vq.push(2, &[(0x10_1000, 16, false), (0x10_1100, 1, true)]);
     set(&mut t, 0x50, 0);
-    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(vq.used_idx(), 2);
     assert_eq!(irq.read().unwrap(), 1, "interrupted");
     assert_eq!(reg(&mut t, 0x60) & 1, 1, "used-ring interrupt status");
 }

@@ -13,14 +13,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Once;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use boxlet::hypervisor::{
     Acceleration, Capabilities, DiskFormat, Hypervisor, HypervisorError, Vm, VmExit, VmSpec,
 };
-use boxlet::process::{classify, owned, wait_or_stop, MonitoredVm};
-use tokio::process::{Child, Command};
+use boxlet::process::{
+    classify, find_program, owned, start_daemon, virtiofs_socket, virtiofsd_command, wait_or_stop,
+    MonitoredVm, VIRTIOFSD_HINT,
+};
+use tokio::process::Child;
 
 const NAME: &str = "qemu";
 
@@ -32,18 +35,6 @@ pub struct Qemu {
     virtiofsd: Option<PathBuf>,
     accel: Acceleration,
     why: String,
-}
-
-/// `name` in `PATH`, in `~/.cargo/bin`, or as `/usr/libexec/name`.
-fn find_program(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(Path::new(&home).join(".cargo/bin"));
-    }
-    dirs.push("/usr/libexec".into());
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// Whether QEMU can use KVM to boot Linux here, and why (or why not).
@@ -204,33 +195,6 @@ fn start_err(what: &str, msg: impl std::fmt::Display) -> HypervisorError {
     }
 }
 
-/// Start a vhost-user daemon and wait for its socket.
-async fn start_daemon(
-    what: &str,
-    mut cmd: Command,
-    sock: &Path,
-    log: &Path,
-) -> Result<Child, HypervisorError> {
-    let log_file = std::fs::File::create(log).map_err(|e| start_err(what, e))?;
-    cmd.stdout(Stdio::null()).stderr(log_file);
-    let mut child = cmd.spawn().map_err(|e| start_err(what, e))?;
-    let start = Instant::now();
-    while !sock.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            let msg = std::fs::read_to_string(log).unwrap_or_default();
-            return Err(start_err(
-                what,
-                format!("exited with {status}: {}", msg.trim()),
-            ));
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            return Err(start_err(what, "its socket did not appear in 10 s"));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(child)
-}
-
 #[async_trait]
 impl Hypervisor for Qemu {
     fn name(&self) -> &'static str {
@@ -271,28 +235,24 @@ impl Hypervisor for Qemu {
             sockets.push(sock.clone());
             sockets.push(v.uds_path.clone());
             let log = spec.run_dir.join("vhost-device-vsock.log");
-            daemons.push(start_daemon("vhost-device-vsock", cmd, &sock, &log).await?);
+            daemons.push(start_daemon(NAME, "vhost-device-vsock", cmd, &sock, &log).await?);
             vsock_sock = Some(sock);
         }
         let mut fs_socks = Vec::new();
         for (i, share) in spec.shares.iter().enumerate() {
-            let prog = self.virtiofsd.as_ref().ok_or(HypervisorError::MissingProgram {
-                backend: NAME,
-                program: "virtiofsd".into(),
-                hint: "apt-get install libseccomp-dev libcap-ng-dev; cargo install virtiofsd --version 1.14.0 --locked".into(),
-            })?;
-            let sock = spec.run_dir.join(format!("virtiofs{i}.sock"));
-            let mut cmd = owned(prog);
-            cmd.arg(format!("--socket-path={}", sock.display()))
-                .arg(format!("--shared-dir={}", share.host_path.display()))
-                .args(["--cache=auto", "--sandbox=chroot", "--announce-submounts"])
-                .args(["--inode-file-handles=never", "--xattr"]);
-            if share.read_only {
-                cmd.arg("--readonly");
-            }
+            let prog = self
+                .virtiofsd
+                .as_ref()
+                .ok_or(HypervisorError::MissingProgram {
+                    backend: NAME,
+                    program: "virtiofsd".into(),
+                    hint: VIRTIOFSD_HINT.into(),
+                })?;
+            let sock = virtiofs_socket(&spec.run_dir, i);
+            let cmd = virtiofsd_command(prog, share, &sock);
             sockets.push(sock.clone());
             let log = spec.run_dir.join(format!("virtiofsd{i}.log"));
-            daemons.push(start_daemon("virtiofsd", cmd, &sock, &log).await?);
+            daemons.push(start_daemon(NAME, "virtiofsd", cmd, &sock, &log).await?);
             fs_socks.push(sock);
         }
         let mut cmd = owned(&self.qemu);

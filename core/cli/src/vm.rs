@@ -116,8 +116,7 @@ pub fn run(cmd: VmCommand) -> Result<ExitCode> {
 }
 
 /// The backend to use. `auto` takes boxlet's own VMM when this host's KVM passes the
-/// probe (and the VM needs no directory share, which that VMM does not serve yet), else
-/// QEMU.
+/// probe (and, for a VM with a directory share, `virtiofsd` is installed), else QEMU.
 fn backend(b: Backend, shares: bool) -> Result<Box<dyn Hypervisor>> {
     match b {
         Backend::Qemu => Ok(Box::new(boxlet_qemu::Qemu::new()?)),

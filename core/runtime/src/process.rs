@@ -3,15 +3,84 @@
 //! that does so.
 
 use std::io;
-use std::path::Path;
-use std::process::ExitStatus;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::hypervisor::{HypervisorError, Vm, VmExit};
+use crate::hypervisor::{HypervisorError, ShareSpec, Vm, VmExit};
+
+/// `name` in `PATH`, in `~/.cargo/bin`, or as `/usr/libexec/name`.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.push("/usr/libexec".into());
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// How to install `virtiofsd`, for errors that find it missing.
+pub const VIRTIOFSD_HINT: &str =
+    "apt-get install libseccomp-dev libcap-ng-dev; cargo install virtiofsd --version 1.14.0 --locked";
+
+/// The vhost-user socket of a VM's share number `index` in its run directory (the
+/// backend starts `virtiofsd` there; the VMM connects to it).
+pub fn virtiofs_socket(run_dir: &Path, index: usize) -> PathBuf {
+    run_dir.join(format!("virtiofs{index}.sock"))
+}
+
+/// A `virtiofsd` serving `share` on `socket`: chrooted into the shared directory, file
+/// handles off (they need CAP_DAC_READ_SEARCH on the host), extended attributes on,
+/// read-only when the share is.
+pub fn virtiofsd_command(program: &Path, share: &ShareSpec, socket: &Path) -> Command {
+    let mut cmd = owned(program);
+    cmd.arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", share.host_path.display()))
+        .args(["--cache=auto", "--sandbox=chroot", "--announce-submounts"])
+        .args(["--inode-file-handles=never", "--xattr"]);
+    if share.read_only {
+        cmd.arg("--readonly");
+    }
+    cmd
+}
+
+/// Start a vhost-user daemon (`what`, for `backend`) with its stderr in `log`, and wait
+/// until it listens on `socket`. A daemon that exits first is an error carrying its log.
+pub async fn start_daemon(
+    backend: &'static str,
+    what: &str,
+    mut cmd: Command,
+    socket: &Path,
+    log: &Path,
+) -> Result<Child, HypervisorError> {
+    let err = |msg: String| HypervisorError::Start {
+        backend,
+        what: what.into(),
+        msg,
+    };
+    let log_file =
+        std::fs::File::create(log).map_err(|e| err(format!("{}: {e}", log.display())))?;
+    cmd.stdout(Stdio::null()).stderr(log_file);
+    let mut child = cmd.spawn().map_err(|e| err(e.to_string()))?;
+    let start = Instant::now();
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let msg = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(err(format!("exited with {status}: {}", msg.trim())));
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(err("its socket did not appear in 10 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(child)
+}
 
 /// A command whose process dies with this one.
 ///

@@ -433,3 +433,12 @@ pub fn helper_beside_tests(var: &str, name: &str) {
         std::env::set_var(var, helper);
     }
 }
+
+/// Run one suite test, failing it (instead of hanging the whole run) when it takes longer
+/// than `limit`: a hang guard, not a speed check. Dropping the test's future drops its VM,
+/// which stops the VMM and its helpers.
+pub async fn hang_guarded<F: std::future::Future<Output = ()>>(limit: Duration, test: F) {
+    if tokio::time::timeout(limit, test).await.is_err() {
+        panic!("the test hung: still running after {limit:?}");
+    }
+}

@@ -29,6 +29,8 @@ pub struct MmioTransport {
     status: u32,
     interrupt_status: u32,
     config_generation: u32,
+    /// The queues' notifiers, for a device served by another process.
+    kicks: Vec<EventFd>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -60,11 +62,48 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
             config_generation: 0,
+            kicks: Vec::new(),
         }
     }
 
+    /// The queues' notifiers (the ioeventfds KVM signals), which an external device's
+    /// daemon waits on directly.
+    pub fn with_kicks(mut self, kicks: Vec<EventFd>) -> Self {
+        self.kicks = kicks;
+        self
+    }
+
+    /// Whether another process serves this device's queues (see
+    /// [`VirtioDevice::external`]); the VMM then leaves the notifiers alone.
+    pub fn external(&self) -> bool {
+        self.device.external()
+    }
+
     fn offered(&self) -> u64 {
+        if self.device.external() {
+            // The daemon walks the rings: only what it supports.
+            return self.device.features() | VIRTIO_F_VERSION_1;
+        }
         self.device.features() | VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    /// DRIVER_OK for a device served elsewhere: hand it the queues, or mark the device
+    /// as needing a reset when the queues are bad or the daemon refuses.
+    fn activate_external(&mut self) {
+        if !self.queues_valid() {
+            return;
+        }
+        if let Err(e) =
+            self.device
+                .activate(&self.queues, self.driver_features, &self.kicks, &self.mem)
+        {
+            eprintln!(
+                "boxlet-vmm: virtio device {}: {e}",
+                self.device.device_type()
+            );
+            self.status |= STATUS_NEEDS_RESET;
+            self.interrupt(INT_CONFIG);
+        }
     }
 
     /// After the device used buffers: interrupt the guest if a queue's `used_event` asks
@@ -186,13 +225,17 @@ impl MmioTransport {
                         self.status |= STATUS_FAILED;
                         return;
                     }
-                    if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
+                    let starting = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+                    if starting {
                         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
                         for q in &mut self.queues {
                             q.set_event_idx(event_idx);
                         }
                     }
                     self.status = v;
+                    if starting && self.device.external() {
+                        self.activate_external();
+                    }
                 }
             }
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if setup => {
@@ -219,6 +262,13 @@ impl MmioTransport {
     /// The driver notified queue `index` (through the register or its ioeventfd).
     pub fn notify(&mut self, index: u32) {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        if self.device.external() {
+            // A notification that missed its ioeventfd: pass it on to the daemon.
+            if let Some(k) = self.kicks.get(index as usize) {
+                let _ = k.write(1);
+            }
             return;
         }
         let Some(q) = self.queues.get(index as usize) else {
@@ -273,6 +323,13 @@ impl MmioTransport {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
             // Not running: host events are taken (and connections wait or fail).
             self.device.process_host(&mut [], &self.mem);
+            return;
+        }
+        if self.device.external() {
+            // The daemon signalled: it already decided the guest wants an interrupt.
+            if self.device.process_host(&mut [], &self.mem) {
+                self.interrupt(INT_USED_RING);
+            }
             return;
         }
         if !self.queues_valid() {

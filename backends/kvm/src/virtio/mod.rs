@@ -6,6 +6,7 @@
 //! does here makes the VMM panic.
 
 pub mod block;
+pub mod fs;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod mmio;
@@ -15,6 +16,7 @@ use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 /// virtio 1.x (the only version the transport offers).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -47,6 +49,25 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: drop all state.
     fn reset(&mut self) {}
+    /// Whether another process serves the queues (vhost-user). The transport then offers
+    /// only the device's own ring features, hands the queues over in
+    /// [`VirtioDevice::activate`], forwards notifications to their notifiers, and turns
+    /// host events into used-ring interrupts without looking at the rings.
+    fn external(&self) -> bool {
+        false
+    }
+    /// The driver set DRIVER_OK with `driver_features`: an external device starts serving
+    /// the ready `queues`, whose notifications arrive on `kicks`. An error marks the
+    /// device as needing a reset.
+    fn activate(
+        &mut self,
+        _queues: &[Queue],
+        _driver_features: u64,
+        _kicks: &[EventFd],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Read `data.len()` bytes of `config` at `offset`; out of range reads see zeros.

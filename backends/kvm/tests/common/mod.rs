@@ -1,0 +1,79 @@
+//! Shared by the device-model tests: a virtqueue as a driver lays it out.
+#![allow(dead_code)] // each test crate uses its own part
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+
+/// A split virtqueue of 16 entries laid out as a driver would: the descriptor table, the
+/// available ring (then `used_event`) and the used ring (then `avail_event`), a page each.
+pub struct Ring<'a> {
+    m: &'a GuestMemoryMmap,
+    base: u64,
+}
+
+impl<'a> Ring<'a> {
+    pub const SIZE: u16 = 16;
+
+    pub fn new(m: &'a GuestMemoryMmap, base: u64) -> Self {
+        m.write_slice(&[0u8; 0x3000], GuestAddress(base)).unwrap();
+        Self { m, base }
+    }
+
+    pub fn addrs(&self) -> (u64, u64, u64) {
+        (self.base, self.base + 0x1000, self.base + 0x2000)
+    }
+
+    fn u16_at(&self, at: u64) -> u16 {
+        self.m.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    /// Chain `descs` (address, length, device-writable) from descriptor `slot` on and
+    /// make it available.
+    pub fn push(&self, slot: u16, descs: &[(u64, u32, bool)]) {
+        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+            let idx = slot + i as u16;
+            let last = i + 1 == descs.len();
+            let flags = if writable { WRITE } else { 0 } | if last { 0 } else { NEXT };
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..].copy_from_slice(&(if last { 0 } else { idx + 1 }).to_le_bytes());
+            self.m
+                .write_slice(&d, GuestAddress(self.base + 16 * u64::from(idx)))
+                .unwrap();
+        }
+        let avail = self.base + 0x1000;
+        let idx = self.u16_at(avail + 2);
+        let entry = avail + 4 + 2 * u64::from(idx % Self::SIZE);
+        self.m.write_obj(slot, GuestAddress(entry)).unwrap();
+        self.m
+            .write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+            .unwrap();
+    }
+
+    /// With EVENT_IDX: interrupt me once the used index passes `idx`.
+    pub fn set_used_event(&self, idx: u16) {
+        let at = self.base + 0x1000 + 4 + 2 * u64::from(Self::SIZE);
+        self.m.write_obj(idx, GuestAddress(at)).unwrap();
+    }
+
+    pub fn used_idx(&self) -> u16 {
+        self.u16_at(self.base + 0x2000 + 2)
+    }
+
+    /// Where the device asks to be notified next (EVENT_IDX's `avail_event`).
+    pub fn avail_event(&self) -> u16 {
+        self.u16_at(self.base + 0x2000 + 4 + 8 * u64::from(Self::SIZE))
+    }
+
+    /// (descriptor id, length) of used entry `i`.
+    pub fn used(&self, i: u16) -> (u32, u32) {
+        let at = self.base + 0x2000 + 4 + 8 * u64::from(i % Self::SIZE);
+        let id: u32 = self.m.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.m.read_obj(GuestAddress(at + 4)).unwrap();
+        (id, len)
+    }
+}
