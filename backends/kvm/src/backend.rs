@@ -140,7 +140,8 @@ impl Hypervisor for KvmBackend {
             // A daemon that died first is likely why the VMM failed: say so.
             let mut died = String::new();
             for (i, d) in daemons.iter_mut().enumerate() {
-                if let Ok(Some(st)) = d.try_wait() {
+                // (One that exited cleanly saw the VMM go, which is no news.)
+                if let Ok(Some(st)) = d.try_wait().map(|s| s.filter(|s| !s.success())) {
                     let log = run_dir.join(format!("virtiofsd{i}.log"));
                     let tail = boxlet::console::console_tail(&log, 5);
                     died.push_str(&format!(

@@ -319,3 +319,21 @@ fn bad_tags_and_missing_daemons_are_errors_naming_them() {
         assert!(e.contains("tag"), "{tag:?}: {e}");
     }
 }
+
+#[test]
+fn a_daemon_that_never_answers_fails_the_device_instead_of_hanging_it() {
+    let run = tempfile::tempdir().unwrap();
+    let socket = run.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    // Accepts, reads what it is sent, and never answers.
+    let silent = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut conn, &mut sink);
+    });
+    let e = Fs::connect_within(&socket, "share", std::time::Duration::from_secs(1)).unwrap_err();
+    assert!(e.contains("did not answer"), "{e}");
+    assert!(e.contains("silent.sock"), "{e}");
+    // The cut connection ended the daemon's side too.
+    silent.join().unwrap();
+}

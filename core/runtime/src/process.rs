@@ -67,6 +67,8 @@ pub async fn start_daemon(
     let log_file =
         std::fs::File::create(log).map_err(|e| err(format!("{}: {e}", log.display())))?;
     cmd.stdout(Stdio::null()).stderr(log_file);
+    // A socket file left by an earlier daemon would look like this one listening.
+    let _ = std::fs::remove_file(socket);
     let mut child = cmd.spawn().map_err(|e| err(e.to_string()))?;
     let start = Instant::now();
     while !socket.exists() {

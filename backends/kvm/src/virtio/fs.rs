@@ -11,6 +11,7 @@ use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -28,7 +29,7 @@ pub const TYPE_FS: u32 = 26;
 pub const TAG_MAX: usize = 36;
 /// The high-priority queue and one request queue.
 const QUEUES: usize = 2;
-/// virtiofsd's largest queue.
+/// Each queue's largest size (virtiofsd takes up to 32768; Linux uses what is offered).
 const QUEUE_SIZE: u16 = 1024;
 /// The vhost-user feature bit that says protocol features exist (never offered to the
 /// guest).
@@ -39,9 +40,13 @@ const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 const PASSED_THROUGH: u64 =
     VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
 
+/// How long one exchange with the daemon may take before the VMM gives up on it.
+pub const DAEMON_LIMIT: Duration = Duration::from_secs(30);
+
 /// A virtio-fs device whose queues a vhost-user daemon serves.
 pub struct Fs {
     frontend: Frontend,
+    watchdog: Watchdog,
     socket: String,
     config: Vec<u8>,
     backend_features: u64,
@@ -64,41 +69,31 @@ impl Fs {
     /// Connect to the daemon listening on `socket` and negotiate what does not depend on
     /// the guest; the guest mounts the file system by `tag`.
     pub fn connect(socket: &Path, tag: &str) -> Result<Self, String> {
+        Self::connect_within(socket, tag, DAEMON_LIMIT)
+    }
+
+    /// [`Fs::connect`], giving each exchange with the daemon at most `limit`: past it the
+    /// connection is cut, and the exchange (and every later one) fails.
+    pub fn connect_within(socket: &Path, tag: &str, limit: Duration) -> Result<Self, String> {
         if tag.is_empty() || tag.len() > TAG_MAX || tag.contains('\0') {
             return Err(format!(
                 "tag {tag:?}: from 1 to {TAG_MAX} bytes, without NUL"
             ));
         }
         let name = socket.display().to_string();
-        let err = |what: &str, e: vhost::Error| format!("{name}: {what}: {e}");
-        let mut frontend = Frontend::from_stream(connect(socket)?, QUEUES as u64);
-        frontend.set_owner().map_err(|e| err("SET_OWNER", e))?;
-        let backend_features = frontend
-            .get_features()
-            .map_err(|e| err("GET_FEATURES", e))?;
-        if backend_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(format!("{name}: the daemon does not offer virtio 1.x"));
-        }
-        let protocol = backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
-        if protocol {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(|e| err("GET_PROTOCOL_FEATURES", e))?;
-            // Replies to every request, so a daemon's refusal is an error here and not
-            // a silent hang in the guest.
-            let take = offered & VhostUserProtocolFeatures::REPLY_ACK;
-            frontend
-                .set_protocol_features(take)
-                .map_err(|e| err("SET_PROTOCOL_FEATURES", e))?;
-            if !take.is_empty() {
-                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-        }
+        let stream = connect(socket)?;
+        let cut = stream.try_clone().map_err(|e| format!("{name}: {e}"))?;
+        let watchdog = Watchdog::new(cut, limit)?;
+        let mut frontend = Frontend::from_stream(stream, QUEUES as u64);
+        watchdog.arm();
+        let negotiated = negotiate(&mut frontend, &name);
+        let (backend_features, protocol) = watchdog.finish(negotiated)?;
         let mut config = vec![0u8; TAG_MAX + 4];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_MAX..].copy_from_slice(&1u32.to_le_bytes()); // one request queue
         Ok(Self {
             frontend,
+            watchdog,
             socket: name,
             config,
             backend_features,
@@ -130,6 +125,9 @@ impl Fs {
             avail_ring_addr: host(q.avail_ring(), "available ring")?,
             log_addr: None,
         };
+        // Counted as started from the first message on, so a reset stops a ring that a
+        // later message failed to finish setting up.
+        self.started.push(index);
         let f = &mut self.frontend;
         f.set_vring_num(index, q.size())
             .map_err(|e| err("SET_VRING_NUM", e))?;
@@ -145,27 +143,146 @@ impl Fs {
             f.set_vring_enable(index, true)
                 .map_err(|e| err("SET_VRING_ENABLE", e))?;
         }
-        self.started.push(index);
         Ok(())
     }
 
     fn stop_queues(&mut self) {
+        self.watchdog.arm();
         for i in std::mem::take(&mut self.started) {
-            // GET_VRING_BASE stops the ring in the daemon.
-            if let Err(e) = self.frontend.get_vring_base(i) {
+            // Disabled, then stopped (GET_VRING_BASE), as the specification orders.
+            if self.protocol {
+                let _ = self.frontend.set_vring_enable(i, false);
+            }
+            let stopped = self.frontend.get_vring_base(i).map_err(|e| e.to_string());
+            if let Err(e) = self.watchdog.finish(stopped) {
                 eprintln!("boxlet-vmm: {}: stopping queue {i}: {e}", self.socket);
             }
+            self.watchdog.arm();
         }
+        let _ = self.watchdog.finish(Ok(()));
+    }
+}
+
+/// SET_OWNER and the feature negotiation that does not depend on the guest: the daemon's
+/// features, and whether protocol features (REPLY_ACK) are in use.
+fn negotiate(frontend: &mut Frontend, name: &str) -> Result<(u64, bool), String> {
+    let err = |what: &str, e: vhost::Error| format!("{name}: {what}: {e}");
+    frontend.set_owner().map_err(|e| err("SET_OWNER", e))?;
+    let backend_features = frontend
+        .get_features()
+        .map_err(|e| err("GET_FEATURES", e))?;
+    if backend_features & VIRTIO_F_VERSION_1 == 0 {
+        return Err(format!("{name}: the daemon does not offer virtio 1.x"));
+    }
+    let protocol = backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
+    if protocol {
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(|e| err("GET_PROTOCOL_FEATURES", e))?;
+        // Replies to every request, so a daemon's refusal is an error here and not a
+        // silent hang in the guest.
+        let take = offered & VhostUserProtocolFeatures::REPLY_ACK;
+        frontend
+            .set_protocol_features(take)
+            .map_err(|e| err("SET_PROTOCOL_FEATURES", e))?;
+        if !take.is_empty() {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+    }
+    Ok((backend_features, protocol))
+}
+
+/// Cuts the connection to the daemon when one exchange with it outlasts the limit: the
+/// vCPU that set DRIVER_OK (or reset the device) waits for the answers, so a stuck daemon
+/// then fails the device, which asks the driver for a reset, instead of holding that vCPU
+/// forever.
+struct Watchdog {
+    state: Arc<(Mutex<Watch>, Condvar)>,
+    limit: Duration,
+}
+
+#[derive(Default)]
+struct Watch {
+    deadline: Option<Instant>,
+    fired: bool,
+    closed: bool,
+}
+
+impl Watchdog {
+    fn new(connection: UnixStream, limit: Duration) -> Result<Self, String> {
+        let state = Arc::new((Mutex::new(Watch::default()), Condvar::new()));
+        let shared = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("vhost-watchdog".into())
+            .spawn(move || {
+                let (lock, cv) = &*shared;
+                let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !w.closed {
+                    let now = Instant::now();
+                    w = match w.deadline {
+                        None => cv.wait(w).unwrap_or_else(|e| e.into_inner()),
+                        Some(d) if d <= now => {
+                            // Blocked reads and writes on the connection return at once.
+                            let _ = connection.shutdown(std::net::Shutdown::Both);
+                            w.fired = true;
+                            w.deadline = None;
+                            w
+                        }
+                        Some(d) => {
+                            cv.wait_timeout(w, d - now)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0
+                        }
+                    };
+                }
+            })
+            .map_err(|e| format!("starting the watchdog: {e}"))?;
+        Ok(Self { state, limit })
+    }
+
+    fn set(&self, deadline: Option<Instant>) -> bool {
+        let (lock, cv) = &*self.state;
+        let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+        w.deadline = deadline;
+        cv.notify_one();
+        w.fired
+    }
+
+    /// An exchange starts.
+    fn arm(&self) {
+        self.set(Some(Instant::now() + self.limit));
+    }
+
+    /// The exchange ended with `result`; an error of a cut connection says why.
+    fn finish<T>(&self, result: Result<T, String>) -> Result<T, String> {
+        let fired = self.set(None);
+        result.map_err(|e| {
+            if fired {
+                format!("{e} (the daemon did not answer within {:?})", self.limit)
+            } else {
+                e
+            }
+        })
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        cv.notify_one();
     }
 }
 
 /// Connect to the daemon's socket. It may exist a moment before the daemon listens on it
-/// (bind, then listen): a refused connection is tried again for a few seconds.
+/// (bind, then listen): a refused connection is tried again for up to 10 s.
 fn connect(socket: &Path) -> Result<UnixStream, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match UnixStream::connect(socket) {
             Ok(s) => return Ok(s),
+            // Refused: bound, not yet listening. (A stale socket file that the daemon
+            // would replace is removed before it starts: see `start_daemon`.)
             Err(e) if e.kind() == ErrorKind::ConnectionRefused && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -207,6 +324,34 @@ impl VirtioDevice for Fs {
         mem: &GuestMemoryMmap,
     ) -> Result<(), String> {
         self.stop_queues();
+        self.watchdog.arm();
+        let started = self.start(queues, driver_features, kicks, mem);
+        self.watchdog.finish(started)
+    }
+
+    fn host_fd(&self) -> Option<RawFd> {
+        Some(self.call.as_raw_fd())
+    }
+
+    fn process_host(&mut self, _: &mut [Queue], _: &GuestMemoryMmap) -> bool {
+        // The daemon used buffers (and, with EVENT_IDX, decided the guest wants to know).
+        self.call.read().is_ok()
+    }
+
+    fn reset(&mut self) {
+        self.stop_queues();
+    }
+}
+
+impl Fs {
+    /// Features, memory table and every ready queue to the daemon.
+    fn start(
+        &mut self,
+        queues: &[Queue],
+        driver_features: u64,
+        kicks: &[EventFd],
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), String> {
         let acked = driver_features & self.features()
             | self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES;
         let name = self.socket.clone();
@@ -229,18 +374,5 @@ impl VirtioDevice for Fs {
                 .map_err(|e| format!("{name}: {e}"))?;
         }
         Ok(())
-    }
-
-    fn host_fd(&self) -> Option<RawFd> {
-        Some(self.call.as_raw_fd())
-    }
-
-    fn process_host(&mut self, _: &mut [Queue], _: &GuestMemoryMmap) -> bool {
-        // The daemon used buffers (and, with EVENT_IDX, decided the guest wants to know).
-        self.call.read().is_ok()
-    }
-
-    fn reset(&mut self) {
-        self.stop_queues();
     }
 }

@@ -91,6 +91,8 @@ impl MmioTransport {
     /// as needing a reset when the queues are bad or the daemon refuses.
     fn activate_external(&mut self) {
         if !self.queues_valid() {
+            // Whatever the daemon still serves from an earlier DRIVER_OK stops too.
+            self.device.reset();
             return;
         }
         if let Err(e) =
