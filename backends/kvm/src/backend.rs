@@ -8,8 +8,7 @@ use boxlet::hypervisor::{
     Acceleration, Capabilities, Hypervisor, HypervisorError, Vm, VmExit, VmSpec,
 };
 use boxlet::process::{
-    classify, find_program, owned, start_daemon, virtiofs_socket, virtiofsd_command, wait_or_stop,
-    MonitoredVm, VIRTIOFSD_HINT,
+    classify, find_program, owned, start_virtiofsds, virtiofs_socket, wait_or_stop, MonitoredVm,
 };
 use tokio::process::Child;
 
@@ -103,21 +102,11 @@ impl Hypervisor for KvmBackend {
         };
         // One virtiofsd per share, listening before the VMM connects; they are killed if
         // a later step fails (kill_on_drop) and when the VMM ends.
-        let mut daemons: Vec<Child> = Vec::new();
-        for (i, share) in spec.shares.iter().enumerate() {
-            let prog = self
-                .virtiofsd
-                .as_ref()
-                .ok_or(HypervisorError::MissingProgram {
-                    backend: NAME,
-                    program: "virtiofsd".into(),
-                    hint: VIRTIOFSD_HINT.into(),
-                })?;
-            let sock = virtiofs_socket(&spec.run_dir, i);
-            let log = spec.run_dir.join(format!("virtiofsd{i}.log"));
-            let cmd = virtiofsd_command(prog, share, &sock);
-            daemons.push(start_daemon(NAME, "virtiofsd", cmd, &sock, &log).await?);
-        }
+        let mut daemons: Vec<Child> = start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec)
+            .await?
+            .into_iter()
+            .map(|(daemon, _)| daemon)
+            .collect();
         let spec_path = spec.run_dir.join("vmm.json");
         let json = serde_json::to_vec(&spec).map_err(|e| start(e.to_string()))?;
         std::fs::write(&spec_path, json).map_err(|e| start(e.to_string()))?;

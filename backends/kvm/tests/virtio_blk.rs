@@ -8,7 +8,7 @@ use std::io;
 use boxlet_kvm::virtio::block::{Block, Disk};
 use boxlet_kvm::virtio::mmio::MmioTransport;
 use boxlet_kvm::virtio::VirtioDevice;
-use common::Ring;
+use common::{reg, set, Ring};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -275,16 +275,6 @@ fn read_only_disks_refuse_writes() {
     );
     dev.process_queue(0, std::slice::from_mut(&mut q), &m);
     assert_eq!(status(&m, 0x10_0100), 1);
-}
-
-fn reg(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn set(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
 }
 
 #[test]

@@ -12,7 +12,7 @@ use boxlet::hypervisor::ShareSpec;
 use boxlet::process::{start_daemon, virtiofsd_command};
 use boxlet_kvm::virtio::fs::Fs;
 use boxlet_kvm::virtio::mmio::MmioTransport;
-use common::Ring;
+use common::{reg, set, Ring};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -75,16 +75,6 @@ fn daemon(dir: &Path, run: &Path) -> Daemon {
         socket,
         _rt: rt,
     }
-}
-
-fn reg(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn set(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
 }
 
 /// A driver's bring-up: take every offered feature, then queue `i` at `rings[i]`

@@ -20,8 +20,7 @@ use boxlet::hypervisor::{
     Acceleration, Capabilities, DiskFormat, Hypervisor, HypervisorError, Vm, VmExit, VmSpec,
 };
 use boxlet::process::{
-    classify, find_program, owned, start_daemon, virtiofs_socket, virtiofsd_command, wait_or_stop,
-    MonitoredVm, VIRTIOFSD_HINT,
+    classify, find_program, owned, start_daemon, start_virtiofsds, wait_or_stop, MonitoredVm,
 };
 use tokio::process::Child;
 
@@ -239,20 +238,9 @@ impl Hypervisor for Qemu {
             vsock_sock = Some(sock);
         }
         let mut fs_socks = Vec::new();
-        for (i, share) in spec.shares.iter().enumerate() {
-            let prog = self
-                .virtiofsd
-                .as_ref()
-                .ok_or(HypervisorError::MissingProgram {
-                    backend: NAME,
-                    program: "virtiofsd".into(),
-                    hint: VIRTIOFSD_HINT.into(),
-                })?;
-            let sock = virtiofs_socket(&spec.run_dir, i);
-            let cmd = virtiofsd_command(prog, share, &sock);
+        for (daemon, sock) in start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec).await? {
+            daemons.push(daemon);
             sockets.push(sock.clone());
-            let log = spec.run_dir.join(format!("virtiofsd{i}.log"));
-            daemons.push(start_daemon(NAME, "virtiofsd", cmd, &sock, &log).await?);
             fs_socks.push(sock);
         }
         let mut cmd = owned(&self.qemu);

@@ -28,8 +28,11 @@ pub struct BenchArgs {
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Root disk with the agent (opened read-only: every boot sees the same disk).
+    #[arg(long, required_unless_present = "fs", conflicts_with = "fs")]
+    disk: Option<PathBuf>,
+    /// Or a root directory, shared over virtio-fs (the agent comes in an initramfs).
     #[arg(long)]
-    disk: PathBuf,
+    fs: Option<PathBuf>,
     /// Boots to measure.
     #[arg(long, default_value_t = 10)]
     runs: usize,
@@ -273,21 +276,29 @@ fn vmm_memory(run_dir: &std::path::Path) -> (u64, u64, usize) {
 }
 
 async fn bench(a: BenchArgs) -> Result<()> {
-    let hv = backend(a.backend, false)?;
+    let hv = backend(a.backend, a.fs.is_some())?;
     let kernel = crate::kernel::resolve(a.kernel.clone())?;
     let accel = hv.capabilities().acceleration;
     if a.runs == 0 || a.execs == 0 {
         bail!("--runs and --execs must be at least 1");
     }
+    let agent = match &a.fs {
+        Some(dir) if !dir.is_dir() => bail!("{}: not a directory", dir.display()),
+        Some(_) => Some(crate::agent::find()?),
+        None => None,
+    };
     let spec = || {
-        BootSpec::new(
-            "bench",
-            kernel.clone(),
-            Root::Disk {
-                path: a.disk.clone(),
+        let root = match (&a.fs, &a.disk) {
+            (Some(dir), _) => Root::Dir { path: dir.clone() },
+            (None, Some(disk)) => Root::Disk {
+                path: disk.clone(),
                 read_only: true,
             },
-        )
+            (None, None) => unreachable!("clap requires --disk or --fs"),
+        };
+        let mut s = BootSpec::new("bench", kernel.clone(), root);
+        s.agent = agent.clone();
+        s
     };
     let true_cmd = || Exec {
         args: vec!["true".into()],
@@ -325,21 +336,38 @@ async fn bench(a: BenchArgs) -> Result<()> {
     let mut bare_ms = Vec::new();
     for _ in 0..a.runs {
         let dir = tempfile::tempdir()?;
+        let (root, disks, shares) = match (&a.fs, &a.disk) {
+            (Some(root_dir), _) => (
+                "rootfstype=virtiofs root=rootfs",
+                Vec::new(),
+                vec![boxlet::hypervisor::ShareSpec {
+                    tag: "rootfs".into(),
+                    host_path: root_dir.clone(),
+                    read_only: true,
+                }],
+            ),
+            (None, Some(disk)) => (
+                "rootfstype=ext4 root=/dev/vda",
+                vec![boxlet::DiskSpec {
+                    path: disk.clone(),
+                    format: boxlet::DiskFormat::detect(disk)?,
+                    read_only: true,
+                }],
+                Vec::new(),
+            ),
+            (None, None) => unreachable!("clap requires --disk or --fs"),
+        };
         let spec = boxlet::VmSpec {
             name: "bench-bare".into(),
             vcpus: 1,
             memory_mib: 256,
             kernel: kernel.clone(),
             initrd: None,
-            cmdline: "console=ttyS0 reboot=t panic=-1 quiet 8250.nr_uarts=1 root=/dev/vda ro \
-                      rootfstype=ext4 init=/bin/true"
-                .into(),
-            disks: vec![boxlet::DiskSpec {
-                path: a.disk.clone(),
-                format: boxlet::DiskFormat::detect(&a.disk)?,
-                read_only: true,
-            }],
-            shares: Vec::new(),
+            cmdline: format!(
+                "console=ttyS0 reboot=t panic=-1 quiet 8250.nr_uarts=1 {root} ro init=/bin/true"
+            ),
+            disks,
+            shares,
             vsock: None,
             console_log: dir.path().join("console.log"),
             run_dir: dir.path().to_path_buf(),

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::hypervisor::{HypervisorError, ShareSpec, Vm, VmExit};
+use crate::hypervisor::{HypervisorError, ShareSpec, Vm, VmExit, VmSpec};
 
 /// `name` in `PATH`, in `~/.cargo/bin`, or as `/usr/libexec/name`.
 pub fn find_program(name: &str) -> Option<PathBuf> {
@@ -48,6 +48,32 @@ pub fn virtiofsd_command(program: &Path, share: &ShareSpec, socket: &Path) -> Co
         cmd.arg("--readonly");
     }
     cmd
+}
+
+/// One `virtiofsd` (found at `program`, if it was) per share of `spec`, each listening on
+/// its [`virtiofs_socket`] before this returns, its stderr in `virtiofsdN.log` beside it.
+/// Returns the daemons (killed when dropped) with their sockets.
+pub async fn start_virtiofsds(
+    backend: &'static str,
+    program: Option<&Path>,
+    spec: &VmSpec,
+) -> Result<Vec<(Child, PathBuf)>, HypervisorError> {
+    let mut daemons = Vec::new();
+    for (i, share) in spec.shares.iter().enumerate() {
+        let program = program.ok_or(HypervisorError::MissingProgram {
+            backend,
+            program: "virtiofsd".into(),
+            hint: VIRTIOFSD_HINT.into(),
+        })?;
+        let socket = virtiofs_socket(&spec.run_dir, i);
+        let log = spec.run_dir.join(format!("virtiofsd{i}.log"));
+        let cmd = virtiofsd_command(program, share, &socket);
+        daemons.push((
+            start_daemon(backend, "virtiofsd", cmd, &socket, &log).await?,
+            socket,
+        ));
+    }
+    Ok(daemons)
 }
 
 /// Start a vhost-user daemon (`what`, for `backend`) with its stderr in `log`, and wait

@@ -1,6 +1,7 @@
 //! Shared by the device-model tests: a virtqueue as a driver lays it out.
 #![allow(dead_code)] // each test crate uses its own part
 
+use boxlet_kvm::virtio::mmio::MmioTransport;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const NEXT: u16 = 1;
@@ -76,4 +77,16 @@ impl<'a> Ring<'a> {
         let len: u32 = self.m.read_obj(GuestAddress(at + 4)).unwrap();
         (id, len)
     }
+}
+
+/// A driver's 32-bit register read at `off` in the device's window.
+pub fn reg(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// A driver's 32-bit register write.
+pub fn set(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
 }
