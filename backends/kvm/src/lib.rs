@@ -10,6 +10,7 @@
 //! KVM boots Linux.
 
 mod backend;
+pub mod i8042;
 pub mod mptable;
 pub mod probe;
 pub mod virtio;

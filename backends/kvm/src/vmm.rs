@@ -30,6 +30,7 @@ use vm_memory::{
 };
 use vm_superio::{Serial, Trigger};
 
+use crate::i8042::{self, I8042};
 use crate::mptable;
 use crate::virtio::block::{Block, Disk, Qcow2Disk, RawDisk};
 use crate::virtio::fs::Fs;
@@ -99,8 +100,9 @@ const MAX_MMIO_DEVICES: usize = 10;
 
 const SERIAL_PORT: u16 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
-const I8042_PORT: u16 = 0x64;
-const I8042_RESET: u8 = 0xfe;
+/// Kernel parameters for our i8042 (as Firecracker passes them): no mouse port, no
+/// multiplexer, no PnP probe, and a keyboard port not to be talked to.
+const I8042_PARAMS: &str = " i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// Guest RAM backed by a memfd, so vhost-user daemons can map it too.
 pub fn guest_memory(bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
@@ -153,6 +155,7 @@ impl Write for Console {
 /// Devices on the port I/O bus.
 struct PortBus {
     serial: Serial<IrqLine, vm_superio::serial::NoEvents, Console>,
+    i8042: I8042,
 }
 
 /// What a vCPU exit asks of the VMM.
@@ -168,8 +171,9 @@ impl PortBus {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
                 data[0] = self.serial.read((p - SERIAL_PORT) as u8);
             }
-            // i8042 status: nothing to read, ready for commands.
-            I8042_PORT => data.fill(0),
+            i8042::DATA_PORT | i8042::COMMAND_PORT if data.len() == 1 => {
+                data[0] = self.i8042.read(port);
+            }
             _ => data.fill(0xff),
         }
     }
@@ -180,7 +184,11 @@ impl PortBus {
                 // A full output pipe or a failed interrupt only loses console bytes.
                 let _ = self.serial.write((p - SERIAL_PORT) as u8, data[0]);
             }
-            I8042_PORT if data.first() == Some(&I8042_RESET) => return Next::End,
+            i8042::DATA_PORT | i8042::COMMAND_PORT
+                if data.len() == 1 && self.i8042.write(port, data[0]) == i8042::Effect::Reset =>
+            {
+                return Next::End;
+            }
             _ => {}
         }
         Next::Continue
@@ -548,11 +556,12 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
         .map_err(kvm_err("register_irqfd"))?;
     let ports = Arc::new(Mutex::new(PortBus {
         serial: Serial::new(IrqLine(irq), Console),
+        i8042: I8042::default(),
     }));
 
     let (mmio, announce) = devices(&vm, spec, &mem)?;
     phase(t, "devices");
-    let entry = load_kernel(&mem, spec, &format!("{cmdline}{announce}"))?;
+    let entry = load_kernel(&mem, spec, &format!("{cmdline}{I8042_PARAMS}{announce}"))?;
     phase(t, "kernel loaded");
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
