@@ -4,7 +4,8 @@
 //! entered through its PVH note in 32-bit protected mode (no firmware, no decompressor),
 //! interrupts and timers are KVM's in-kernel irqchip and PIT, the console a 16550 UART
 //! (vm-superio) on port 0x3f8 written to stdout. A guest reset (triple fault with
-//! `reboot=t`, or the i8042 reset command) ends the VM: the process exits 0.
+//! `reboot=t`, or the i8042 reset line, see [`crate::i8042`]) ends the VM: the process
+//! exits 0.
 
 use std::fs::File;
 use std::io::Write;
