@@ -32,6 +32,7 @@ use vm_memory::{
 use vm_superio::{Serial, Trigger};
 
 use crate::i8042::{self, I8042};
+use crate::kernel_image;
 use crate::mptable;
 use crate::virtio::block::{Block, Disk, Qcow2Disk, RawDisk};
 use crate::virtio::fs::Fs;
@@ -105,6 +106,16 @@ const SERIAL_IRQ: u32 = 4;
 /// multiplexer, no PnP probe, and a keyboard port not to be talked to.
 const I8042_PARAMS: &str = " i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
+/// A memfd of `bytes` for guest RAM.
+pub(crate) fn ram_file(bytes: u64) -> Result<File, VmmError> {
+    let fd =
+        nix::sys::memfd::memfd_create(c"boxlet-guest-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| VmmError::Memory(format!("memfd_create: {e}")))?;
+    let file = File::from(fd);
+    file.set_len(bytes)?;
+    Ok(file)
+}
+
 /// Guest RAM backed by a memfd, so vhost-user daemons can map it too.
 pub fn guest_memory(bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
     if !(64 << 20..=MAX_RAM).contains(&bytes) {
@@ -114,11 +125,7 @@ pub fn guest_memory(bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
             MAX_RAM >> 20
         )));
     }
-    let fd =
-        nix::sys::memfd::memfd_create(c"boxlet-guest-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .map_err(|e| VmmError::Memory(format!("memfd_create: {e}")))?;
-    let file = File::from(fd);
-    file.set_len(bytes)?;
+    let file = ram_file(bytes)?;
     GuestMemoryMmap::from_ranges_with_files(&[(
         GuestAddress(0),
         bytes as usize,
@@ -197,17 +204,28 @@ impl PortBus {
 }
 
 /// Load the kernel (and initramfs) and write the PVH start info; returns the entry point.
-fn load_kernel(mem: &GuestMemoryMmap, spec: &VmSpec, cmdline: &str) -> Result<u64, VmmError> {
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    spec: &VmSpec,
+    cmdline: &str,
+    image: Option<&kernel_image::Image>,
+) -> Result<u64, VmmError> {
     let kerr = |msg: String| VmmError::Kernel {
         path: spec.kernel.display().to_string(),
         msg,
     };
-    let mut f = File::open(&spec.kernel).map_err(|e| kerr(e.to_string()))?;
-    let loaded = Elf::load(mem, None, &mut f, Some(GuestAddress(HIGH_RAM_START)))
-        .map_err(|e| kerr(format!("not an ELF vmlinux: {e}")))?;
-    let entry = match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => addr.raw_value(),
-        _ => return Err(kerr("no PVH entry note (CONFIG_PVH)".into())),
+    // Mapped already (zero-copy), or copied in now.
+    let (entry, kernel_end) = match image {
+        Some(i) => (i.entry, i.kernel_end),
+        None => {
+            let mut f = File::open(&spec.kernel).map_err(|e| kerr(e.to_string()))?;
+            let loaded = Elf::load(mem, None, &mut f, Some(GuestAddress(HIGH_RAM_START)))
+                .map_err(|e| kerr(format!("not an ELF vmlinux: {e}")))?;
+            match loaded.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => (addr.raw_value(), loaded.kernel_end),
+                _ => return Err(kerr("no PVH entry note (CONFIG_PVH)".into())),
+            }
+        }
     };
     if cmdline.len() + 1 > CMDLINE_MAX {
         return Err(kerr(format!("command line of {} bytes", cmdline.len())));
@@ -234,7 +252,7 @@ fn load_kernel(mem: &GuestMemoryMmap, spec: &VmSpec, cmdline: &str) -> Result<u6
         })?;
         let size = data.len() as u64;
         let addr = (ram_end - size) & !0xfff;
-        if addr < loaded.kernel_end {
+        if addr < kernel_end {
             return Err(VmmError::Memory(format!(
                 "an initramfs of {size} bytes does not fit beside the kernel"
             )));
@@ -529,7 +547,27 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("create_vm"))?;
     phase(t, "vm created");
-    let mem = guest_memory(u64::from(spec.memory_mib) << 20)?;
+    let bytes = u64::from(spec.memory_mib) << 20;
+    // The kernel mapped from its cached image when no other process maps guest RAM (a
+    // vhost-user daemon would not see the private pages); else copied into the memfd.
+    let image = if spec.shares.is_empty() && (64 << 20..=MAX_RAM).contains(&bytes) {
+        match kernel_image::cached(&spec.kernel, HIGH_RAM_START) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                eprintln!(
+                    "boxlet-vmm: {}: no kernel image ({e}): copying the kernel",
+                    spec.kernel.display()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mem = match &image {
+        Some(i) => kernel_image::guest_memory(i, bytes).map_err(VmmError::Memory)?,
+        None => guest_memory(bytes)?,
+    };
     phase(t, "memory mapped");
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_bindings::kvm_userspace_memory_region {
@@ -562,7 +600,8 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
 
     let (mmio, announce) = devices(&vm, spec, &mem)?;
     phase(t, "devices");
-    let entry = load_kernel(&mem, spec, &format!("{cmdline}{I8042_PARAMS}{announce}"))?;
+    let cmdline = format!("{cmdline}{I8042_PARAMS}{announce}");
+    let entry = load_kernel(&mem, spec, &cmdline, image.as_ref())?;
     phase(t, "kernel loaded");
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

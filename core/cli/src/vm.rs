@@ -268,11 +268,35 @@ fn vmm_memory(run_dir: &std::path::Path) -> (u64, u64, usize) {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        own += kib("RssAnon:") + kib("RssFile:");
-        shared += kib("RssShmem:");
+        // Guest RAM mapped from a cached kernel image is the guest's, not the VMM's.
+        let image = kernel_image_rss(&e.path().join("smaps"));
+        own += (kib("RssAnon:") + kib("RssFile:")).saturating_sub(image);
+        shared += kib("RssShmem:") + image;
         n += 1;
     }
     (own, shared, n)
+}
+
+/// Resident KiB of a process's mappings of boxlet-vmm's kernel images (see
+/// `boxlet_kvm::kernel_image`), from its smaps.
+fn kernel_image_rss(smaps: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(smaps).unwrap_or_default();
+    let mut inside = false;
+    let mut kib = 0;
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            inside = line.contains("/boxlet/kernel-images/");
+        } else if let Some(v) = line.strip_prefix("Rss:").filter(|_| inside) {
+            kib += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    kib
 }
 
 async fn bench(a: BenchArgs) -> Result<()> {
