@@ -8,9 +8,8 @@ use boxlet::hypervisor::{
     Acceleration, Capabilities, Hypervisor, HypervisorError, Vm, VmExit, VmSpec,
 };
 use boxlet::process::{
-    classify, find_program, owned, start_virtiofsds, virtiofs_socket, wait_or_stop, MonitoredVm,
+    classify, find_program, owned, start_virtiofsds, virtiofsd_log, wait_or_stop, MonitoredVm,
 };
-use tokio::process::Child;
 
 const NAME: &str = "kvm";
 
@@ -102,11 +101,7 @@ impl Hypervisor for KvmBackend {
         };
         // One virtiofsd per share, listening before the VMM connects; they are killed if
         // a later step fails (kill_on_drop) and when the VMM ends.
-        let mut daemons: Vec<Child> = start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec)
-            .await?
-            .into_iter()
-            .map(|(daemon, _)| daemon)
-            .collect();
+        let mut daemons = start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec).await?;
         let spec_path = spec.run_dir.join("vmm.json");
         let json = serde_json::to_vec(&spec).map_err(|e| start(e.to_string()))?;
         std::fs::write(&spec_path, json).map_err(|e| start(e.to_string()))?;
@@ -128,11 +123,10 @@ impl Hypervisor for KvmBackend {
             let (status, stopped) = wait_or_stop(&mut child, &mut stop).await;
             // A daemon that died first is likely why the VMM failed: say so.
             let mut died = String::new();
-            for (i, d) in daemons.iter_mut().enumerate() {
+            for (i, (d, socket)) in daemons.iter_mut().enumerate() {
                 // (One that exited cleanly saw the VMM go, which is no news.)
                 if let Ok(Some(st)) = d.try_wait().map(|s| s.filter(|s| !s.success())) {
-                    let log = run_dir.join(format!("virtiofsd{i}.log"));
-                    let tail = boxlet::console::console_tail(&log, 5);
+                    let tail = boxlet::console::console_tail(&virtiofsd_log(&run_dir, i), 5);
                     died.push_str(&format!(
                         "; virtiofsd{i} had exited with {st}: {}",
                         tail.trim()
@@ -140,7 +134,7 @@ impl Hypervisor for KvmBackend {
                 }
                 let _ = d.start_kill();
                 let _ = d.wait().await;
-                let _ = std::fs::remove_file(virtiofs_socket(&run_dir, i));
+                let _ = std::fs::remove_file(socket);
             }
             let _ = pump.await;
             match classify("boxlet-vmm", status, stopped, &console, &stderr) {

@@ -55,32 +55,28 @@ pub fn cached(kernel: &Path, load_from: u64) -> Result<Image, String> {
     )
         .hash(&mut h);
     let key = format!("{:016x}", h.finish());
-    let dirs: Vec<PathBuf> = [cache_dir(), private_temp_dir()]
+    // Each place: its directory, the image and the info file.
+    let places: Vec<(PathBuf, PathBuf, PathBuf)> = [cache_dir(), private_temp_dir()]
         .into_iter()
         .flatten()
+        .map(|dir| {
+            let img = dir.join(format!("{key}.img"));
+            let info = dir.join(format!("{key}.info"));
+            (dir, img, info)
+        })
         .collect();
-    for dir in &dirs {
-        let (img, info) = (
-            dir.join(format!("{key}.img")),
-            dir.join(format!("{key}.info")),
-        );
-        if let Some(image) = open(&img, &info) {
-            return Ok(image);
-        }
+    if let Some(image) = places.iter().find_map(|(_, img, info)| open(img, info)) {
+        return Ok(image);
     }
     let mut why = String::from("no cache directory");
-    for dir in &dirs {
-        let (img, info) = (
-            dir.join(format!("{key}.img")),
-            dir.join(format!("{key}.info")),
-        );
+    for (dir, img, info) in &places {
         if let Err(e) = std::fs::create_dir_all(dir) {
             why = format!("{}: {e}", dir.display());
             continue;
         }
-        match build(kernel, load_from, dir, &img, &info) {
+        match build(kernel, load_from, dir, img, info) {
             Ok(()) => {
-                return open(&img, &info).ok_or_else(|| {
+                return open(img, info).ok_or_else(|| {
                     format!("{}: unreadable right after it was built", img.display())
                 })
             }

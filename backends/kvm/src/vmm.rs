@@ -116,8 +116,8 @@ pub(crate) fn ram_file(bytes: u64) -> Result<File, VmmError> {
     Ok(file)
 }
 
-/// Guest RAM backed by a memfd, so vhost-user daemons can map it too.
-pub fn guest_memory(bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+/// Whether `bytes` of guest RAM is a size this VMM runs.
+fn check_ram(bytes: u64) -> Result<(), VmmError> {
     if !(64 << 20..=MAX_RAM).contains(&bytes) {
         return Err(VmmError::Memory(format!(
             "{} MiB: from 64 MiB to {} MiB",
@@ -125,6 +125,12 @@ pub fn guest_memory(bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
             MAX_RAM >> 20
         )));
     }
+    Ok(())
+}
+
+/// Guest RAM backed by a memfd, so vhost-user daemons can map it too.
+pub fn guest_memory(bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+    check_ram(bytes)?;
     let file = ram_file(bytes)?;
     GuestMemoryMmap::from_ranges_with_files(&[(
         GuestAddress(0),
@@ -548,11 +554,12 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
     let vm = kvm.create_vm().map_err(kvm_err("create_vm"))?;
     phase(t, "vm created");
     let bytes = u64::from(spec.memory_mib) << 20;
+    check_ram(bytes)?;
     // The kernel mapped from its cached image when no other process maps guest RAM (a
     // vhost-user daemon would not see the private pages); else copied into the memfd.
     // (`BOXLET_VMM_COPY_KERNEL` forces the copy, to compare.)
     let zero_copy = std::env::var_os("BOXLET_VMM_COPY_KERNEL").is_none();
-    let image = if zero_copy && spec.shares.is_empty() && (64 << 20..=MAX_RAM).contains(&bytes) {
+    let image = if zero_copy && spec.shares.is_empty() {
         match kernel_image::cached(&spec.kernel, HIGH_RAM_START) {
             Ok(i) => Some(i),
             Err(e) => {

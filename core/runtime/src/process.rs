@@ -35,6 +35,11 @@ pub fn virtiofs_socket(run_dir: &Path, index: usize) -> PathBuf {
     run_dir.join(format!("virtiofs{index}.sock"))
 }
 
+/// Where the `virtiofsd` of share number `index` writes its log.
+pub fn virtiofsd_log(run_dir: &Path, index: usize) -> PathBuf {
+    run_dir.join(format!("virtiofsd{index}.log"))
+}
+
 /// A `virtiofsd` serving `share` on `socket`: chrooted into the shared directory, file
 /// handles off (they need CAP_DAC_READ_SEARCH on the host), extended attributes on,
 /// read-only when the share is.
@@ -51,7 +56,7 @@ pub fn virtiofsd_command(program: &Path, share: &ShareSpec, socket: &Path) -> Co
 }
 
 /// One `virtiofsd` (found at `program`, if it was) per share of `spec`, each listening on
-/// its [`virtiofs_socket`] before this returns, its stderr in `virtiofsdN.log` beside it.
+/// its [`virtiofs_socket`] before this returns, its stderr in its [`virtiofsd_log`].
 /// Returns the daemons (killed when dropped) with their sockets.
 pub async fn start_virtiofsds(
     backend: &'static str,
@@ -66,7 +71,7 @@ pub async fn start_virtiofsds(
             hint: VIRTIOFSD_HINT.into(),
         })?;
         let socket = virtiofs_socket(&spec.run_dir, i);
-        let log = spec.run_dir.join(format!("virtiofsd{i}.log"));
+        let log = virtiofsd_log(&spec.run_dir, i);
         let cmd = virtiofsd_command(program, share, &socket);
         daemons.push((
             start_daemon(backend, "virtiofsd", cmd, &socket, &log).await?,

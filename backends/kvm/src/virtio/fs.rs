@@ -147,8 +147,8 @@ impl Fs {
     }
 
     fn stop_queues(&mut self) {
-        self.watchdog.arm();
         for i in std::mem::take(&mut self.started) {
+            self.watchdog.arm();
             // Disabled, then stopped (GET_VRING_BASE), as the specification orders.
             if self.protocol {
                 let _ = self.frontend.set_vring_enable(i, false);
@@ -157,9 +157,7 @@ impl Fs {
             if let Err(e) = self.watchdog.finish(stopped) {
                 eprintln!("boxlet-vmm: {}: stopping queue {i}: {e}", self.socket);
             }
-            self.watchdog.arm();
         }
-        let _ = self.watchdog.finish(Ok(()));
     }
 }
 
