@@ -5,6 +5,7 @@ mod ext4;
 mod kernel;
 mod qcow2;
 mod size;
+mod store;
 mod vm;
 
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ enum Command {
     /// Boot VMs and run commands in them.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// The content store under $BOXLET_HOME (default ~/.boxlet): verify, gc, du.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Command::Ext4(cmd) => ext4::run(cmd),
         Command::Kernel(cmd) => kernel::run(cmd),
         Command::Vm(cmd) => vm::run(cmd),
+        Command::Store(cmd) => store::run(cmd),
     };
     match res {
         Ok(code) => code,

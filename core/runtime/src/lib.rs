@@ -1,6 +1,7 @@
 //! The boxlet runtime: the core traits and what drives a box.
 //!
 //! - [`hypervisor`]: the `Hypervisor` trait every VMM backend implements.
+//! - [`disk_store`]: the `DiskStore` trait: where base-disk records live.
 //! - [`agent`]: the async client of the guest agent (exec, copy, shutdown).
 //! - [`vm`]: boot a VM on any backend to a ready agent.
 //! - [`initramfs`]: the agent's initramfs for directory roots.
@@ -9,6 +10,7 @@
 
 pub mod agent;
 pub mod console;
+pub mod disk_store;
 pub mod hypervisor;
 pub mod initramfs;
 pub mod process;
@@ -16,6 +18,7 @@ pub mod vm;
 
 pub use agent::{AgentClient, AgentError, Connector, ExecEvent, ExecSession, Output};
 pub use boxlet_guest::proto::{Exec, ExitStatus, Setup};
+pub use disk_store::{DiskStore, DiskStoreError, MemoryDiskStore};
 pub use hypervisor::{
     Acceleration, Capabilities, DiskFormat, DiskSpec, Hypervisor, HypervisorError, ShareSpec, Vm,
     VmExit, VmSpec, VsockSpec,
