@@ -1,4 +1,7 @@
-//! OCI image layout import, registry pull and secure layer application.
-//!
-//! Not implemented yet: this crate is a placeholder in the workspace layout and is filled
-//! by issue #6. It exports nothing.
+//! OCI images for boxlet: import of image layouts and docker archives, registry pull,
+//! and secure application of layers to a directory.
+
+mod apply;
+mod fsat;
+
+pub use apply::{apply_layer, ApplyError, ApplyOptions, ApplyReport, DevicePolicy};

@@ -1,0 +1,493 @@
+//! Secure layer application: one uncompressed tar layer applied onto a directory, as an
+//! OCI runtime would see the result (whiteouts delete, opaque markers hide the lower
+//! layers' contents of a directory).
+//!
+//! Nothing is ever written outside the root: every parent directory is opened with
+//! `openat2(RESOLVE_IN_ROOT)` (see [`crate::fsat`]) and the entry is created by name in
+//! it, with `O_NOFOLLOW | O_EXCL`. Metadata is set through the new file's own fd, never
+//! by a path that a symlink could redirect. Entries whose path has a `..` component, and
+//! hard links or whiteouts naming one, are refused with the entry named.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rustix::fs::{
+    fchmod, fchown, futimens, linkat, mknodat, symlinkat, AtFlags, FileType, Gid, Mode, OFlags,
+    Timespec, Timestamps, Uid, XattrFlags,
+};
+use tar::EntryType;
+
+use crate::fsat::{self, ensure_dir, kind_at, open_dir_path, open_dir_rw, remove_all_at};
+
+/// What to do with device nodes in a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DevicePolicy {
+    /// Leave them out (counted in the report). Safe anywhere.
+    #[default]
+    Skip,
+    /// Create them (needs CAP_MKNOD).
+    Create,
+    /// Fail the layer, naming the entry.
+    Refuse,
+}
+
+/// How to apply layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Device nodes (FIFOs are always created: they are harmless).
+    pub devices: DevicePolicy,
+    /// Give entries their owners from the layer (needs CAP_CHOWN); otherwise the
+    /// applier owns everything, and set-id bits are dropped.
+    pub owners: bool,
+}
+
+impl Default for ApplyOptions {
+    /// Devices skipped; owners kept when running as root.
+    fn default() -> Self {
+        ApplyOptions {
+            devices: DevicePolicy::Skip,
+            owners: rustix::process::geteuid().is_root(),
+        }
+    }
+}
+
+/// What a layer did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Regular files written.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Directories created or updated.
+    pub dirs: u64,
+    /// Symbolic links.
+    pub symlinks: u64,
+    /// Hard links.
+    pub hardlinks: u64,
+    /// Device nodes and FIFOs created.
+    pub nodes: u64,
+    /// Device nodes left out by [`DevicePolicy::Skip`].
+    pub devices_skipped: u64,
+    /// Whiteouts and opaque markers applied.
+    pub whiteouts: u64,
+    /// Extended attributes the file system refused (counted, not fatal).
+    pub xattrs_skipped: u64,
+}
+
+/// Why a layer could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The entry is refused (it would escape the root, or it is malformed).
+    #[error("layer entry {entry:?}: {reason}")]
+    Refused {
+        /// The entry's path as the layer names it.
+        entry: String,
+        /// Why.
+        reason: String,
+    },
+    /// Applying the entry failed.
+    #[error("layer entry {entry:?}: {op}: {source}")]
+    Io {
+        /// The entry's path as the layer names it.
+        entry: String,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The tar stream itself is unreadable.
+    #[error("reading the layer: {0}")]
+    Read(#[source] io::Error),
+}
+
+const WHITEOUT: &[u8] = b".wh.";
+const OPAQUE: &[u8] = b".wh..wh..opq";
+
+/// A layer's path split into components: `.` and empty ones dropped, `..` refused. A
+/// leading `/` is the root (layers are always relative to it).
+fn components(path: &[u8]) -> Result<Vec<&[u8]>, &'static str> {
+    let mut out = Vec::new();
+    for c in path.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err("the path has a '..' component"),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// Apply the uncompressed tar `layer` onto the directory `root`.
+pub fn apply_layer(
+    root: &Path,
+    layer: impl Read,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
+    let root_fd: OwnedFd = File::open(root)
+        .map_err(|e| ApplyError::Io {
+            entry: String::new(),
+            op: "opening the root directory",
+            source: e,
+        })?
+        .into();
+    let mut applier = Applier {
+        root: root_fd,
+        opts: *opts,
+        report: ApplyReport::default(),
+        written: HashSet::new(),
+        dir_times: Vec::new(),
+        buf: vec![0u8; 256 << 10],
+    };
+    let mut archive = tar::Archive::new(layer);
+    for entry in archive.entries().map_err(ApplyError::Read)? {
+        let mut entry = entry.map_err(ApplyError::Read)?;
+        applier.entry(&mut entry)?;
+    }
+    applier.finish_dirs()?;
+    Ok(applier.report)
+}
+
+struct Applier {
+    root: OwnedFd,
+    opts: ApplyOptions,
+    report: ApplyReport,
+    /// Paths this layer wrote: an opaque marker hides everything else in its directory.
+    written: HashSet<Vec<u8>>,
+    /// Directory times, set at the end (entries written into a directory change them).
+    dir_times: Vec<(Vec<u8>, u64)>,
+    buf: Vec<u8>,
+}
+
+impl Applier {
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ApplyError> {
+        let raw = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        let refuse = |reason: &str| ApplyError::Refused {
+            entry: shown.clone(),
+            reason: reason.to_string(),
+        };
+        let io_err = |op: &'static str| {
+            let entry = shown.clone();
+            move |source: io::Error| ApplyError::Io { entry, op, source }
+        };
+        let comps = components(&raw).map_err(refuse)?;
+        let kind = entry.header().entry_type();
+
+        let Some((&name, parents)) = comps.split_last() else {
+            // The root itself: only a directory entry may describe it.
+            if kind != EntryType::Directory {
+                return Err(refuse("the entry would replace the root directory"));
+            }
+            let fd = open_dir_rw(&self.root, b"").map_err(io_err("opening the root"))?;
+            self.set_meta(&fd, entry.header(), true)
+                .map_err(io_err("setting metadata"))?;
+            self.dir_times
+                .push((Vec::new(), entry.header().mtime().unwrap_or(0)));
+            self.report.dirs += 1;
+            return Ok(());
+        };
+        let parent =
+            ensure_dir(&self.root, parents).map_err(io_err("opening the parent directory"))?;
+        let rel = comps.join(&b'/');
+
+        if name == OPAQUE {
+            let dir_rel = parents.join(&b'/');
+            let dir = open_dir_rw(&self.root, &dir_rel)
+                .map_err(io_err("opening the opaque directory"))?;
+            for child in fsat::entries(&dir).map_err(io_err("listing the opaque directory"))? {
+                let mut child_rel = dir_rel.clone();
+                if !child_rel.is_empty() {
+                    child_rel.push(b'/');
+                }
+                child_rel.extend_from_slice(&child);
+                if !self.written.contains(&child_rel) {
+                    remove_all_at(&dir, &child).map_err(io_err("clearing the opaque directory"))?;
+                }
+            }
+            self.report.whiteouts += 1;
+            return Ok(());
+        }
+        if let Some(hidden) = name.strip_prefix(WHITEOUT) {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(refuse("the whiteout names no file of its directory"));
+            }
+            remove_all_at(&parent, hidden).map_err(io_err("applying the whiteout"))?;
+            self.report.whiteouts += 1;
+            return Ok(());
+        }
+
+        // Whatever is there goes, unless a directory meets a directory (they merge).
+        let existing = kind_at(&parent, name).map_err(io_err("looking at the existing entry"))?;
+        let merge = kind == EntryType::Directory && existing == Some(FileType::Directory);
+        if existing.is_some() && !merge {
+            remove_all_at(&parent, name).map_err(io_err("replacing the existing entry"))?;
+        }
+        let os_name = OsStr::from_bytes(name);
+        let header = entry.header().clone();
+        match kind {
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let fd = rustix::fs::openat(
+                    &parent,
+                    os_name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| io_err("creating the file")(e.into()))?;
+                let mut file = File::from(fd);
+                let n =
+                    copy(entry, &mut file, &mut self.buf).map_err(io_err("writing the file"))?;
+                self.xattrs(entry, &file);
+                self.set_meta(&file, &header, true)
+                    .map_err(io_err("setting metadata"))?;
+                self.report.files += 1;
+                self.report.bytes += n;
+            }
+            EntryType::Directory => {
+                if !merge {
+                    rustix::fs::mkdirat(&parent, os_name, Mode::from_raw_mode(0o700))
+                        .map_err(|e| io_err("creating the directory")(e.into()))?;
+                }
+                let fd = rustix::fs::openat(
+                    &parent,
+                    os_name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io_err("opening the directory")(e.into()))?;
+                self.xattrs(entry, &fd);
+                self.set_meta(&fd, &header, true)
+                    .map_err(io_err("setting metadata"))?;
+                self.dir_times
+                    .push((rel.clone(), header.mtime().unwrap_or(0)));
+                self.report.dirs += 1;
+            }
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| refuse("the symlink has no target"))?;
+                symlinkat(OsStr::from_bytes(&target), &parent, os_name)
+                    .map_err(|e| io_err("creating the symlink")(e.into()))?;
+                self.set_meta_at(&parent, name, &header)
+                    .map_err(io_err("setting metadata"))?;
+                self.report.symlinks += 1;
+            }
+            EntryType::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| refuse("the hard link has no target"))?;
+                let tcomps = components(&target)
+                    .map_err(|r| refuse(&format!("the hard link's target: {r}")))?;
+                let Some((&tname, tparents)) = tcomps.split_last() else {
+                    return Err(refuse("the hard link's target is the root"));
+                };
+                let tparent = open_dir_path(&self.root, &tparents.join(&b'/'))
+                    .map_err(io_err("opening the hard link's target directory"))?;
+                linkat(
+                    &tparent,
+                    OsStr::from_bytes(tname),
+                    &parent,
+                    os_name,
+                    AtFlags::empty(),
+                )
+                .map_err(|e| io_err("creating the hard link")(e.into()))?;
+                self.report.hardlinks += 1;
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let ftype = match kind {
+                    EntryType::Char => FileType::CharacterDevice,
+                    EntryType::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                if ftype != FileType::Fifo {
+                    match self.opts.devices {
+                        DevicePolicy::Skip => {
+                            self.report.devices_skipped += 1;
+                            return Ok(());
+                        }
+                        DevicePolicy::Refuse => return Err(refuse("device nodes are refused")),
+                        DevicePolicy::Create => {}
+                    }
+                }
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                let mode = Mode::from_raw_mode(header.mode().unwrap_or(0o600) & 0o777);
+                mknodat(
+                    &parent,
+                    os_name,
+                    ftype,
+                    mode,
+                    rustix::fs::makedev(major, minor),
+                )
+                .map_err(|e| io_err("creating the node")(e.into()))?;
+                self.set_meta_at(&parent, name, &header)
+                    .map_err(io_err("setting metadata"))?;
+                self.report.nodes += 1;
+            }
+            other => {
+                tracing::warn!(entry = %shown, kind = ?other, "skipping a layer entry of an unsupported type");
+                return Ok(());
+            }
+        }
+        // The entry and its parents (which this layer may have created implicitly).
+        for (i, _) in rel.iter().enumerate().filter(|&(_, &b)| b == b'/') {
+            self.written.insert(rel[..i].to_vec());
+        }
+        self.written.insert(rel);
+        Ok(())
+    }
+
+    /// Owner, mode and times through the entry's own fd.
+    fn set_meta(&self, fd: &impl AsFd, header: &tar::Header, times: bool) -> io::Result<()> {
+        let mut mode = header.mode()? & 0o7777;
+        if self.opts.owners {
+            fchown(
+                fd,
+                Some(Uid::from_raw(header.uid()? as u32)),
+                Some(Gid::from_raw(header.gid()? as u32)),
+            )?;
+        } else {
+            mode &= 0o1777;
+        }
+        // After chown, which clears set-id bits.
+        fchmod(fd, Mode::from_raw_mode(mode))?;
+        if times {
+            let t = timestamp(header.mtime().unwrap_or(0));
+            futimens(
+                fd,
+                &Timestamps {
+                    last_access: t,
+                    last_modification: t,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Owner and times of a symlink or node, by name in its parent, not following it.
+    fn set_meta_at(&self, parent: &OwnedFd, name: &[u8], header: &tar::Header) -> io::Result<()> {
+        let os = OsStr::from_bytes(name);
+        if self.opts.owners {
+            rustix::fs::chownat(
+                parent,
+                os,
+                Some(Uid::from_raw(header.uid()? as u32)),
+                Some(Gid::from_raw(header.gid()? as u32)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        let t = timestamp(header.mtime().unwrap_or(0));
+        rustix::fs::utimensat(
+            parent,
+            os,
+            &Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        Ok(())
+    }
+
+    /// Extended attributes from PAX records (`SCHILY.xattr.NAME`), set through the fd.
+    fn xattrs<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, fd: &impl AsFd) {
+        let Ok(Some(exts)) = entry.pax_extensions() else {
+            return;
+        };
+        for ext in exts.flatten() {
+            let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
+                continue;
+            };
+            if rustix::fs::fsetxattr(
+                fd,
+                OsStr::from_bytes(name),
+                ext.value_bytes(),
+                XattrFlags::empty(),
+            )
+            .is_err()
+            {
+                self.report.xattrs_skipped += 1;
+            }
+        }
+    }
+
+    /// Set the directories' times, now that nothing more is written into them.
+    fn finish_dirs(&mut self) -> Result<(), ApplyError> {
+        for (rel, mtime) in self.dir_times.drain(..).rev() {
+            let fd = open_dir_rw(&self.root, &rel).map_err(|source| ApplyError::Io {
+                entry: String::from_utf8_lossy(&rel).into_owned(),
+                op: "setting the directory's times",
+                source,
+            })?;
+            let t = timestamp(mtime);
+            futimens(
+                &fd,
+                &Timestamps {
+                    last_access: t,
+                    last_modification: t,
+                },
+            )
+            .map_err(|e| ApplyError::Io {
+                entry: String::from_utf8_lossy(&rel).into_owned(),
+                op: "setting the directory's times",
+                source: e.into(),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn timestamp(secs: u64) -> Timespec {
+    Timespec {
+        tv_sec: secs.min(i64::MAX as u64) as i64,
+        tv_nsec: 0,
+    }
+}
+
+/// Copy `src` to `dst` through `buf`; the bytes copied.
+fn copy(src: &mut impl Read, dst: &mut File, buf: &mut [u8]) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        let n = match src.read(buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        dst.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::components;
+
+    #[test]
+    fn paths_are_split_and_dot_dot_is_refused() {
+        assert_eq!(
+            components(b"./usr//bin/./sh").unwrap(),
+            [&b"usr"[..], b"bin", b"sh"]
+        );
+        assert_eq!(
+            components(b"/etc/passwd").unwrap(),
+            [&b"etc"[..], b"passwd"]
+        );
+        assert!(components(b"./").unwrap().is_empty());
+        assert!(components(b"a/../../b").is_err());
+        assert!(components(b"..").is_err());
+        assert_eq!(
+            components(b"a/..b/c..").unwrap(),
+            [&b"a"[..], b"..b", b"c.."]
+        );
+    }
+}
