@@ -14,6 +14,10 @@ command -v debugfs >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 [ -f /usr/src/linux-source-6.1.tar.xz ] || need_apt+=(linux-source-6.1)
 for tool in flex bison bc; do command -v $tool >/dev/null 2>&1 || need_apt+=($tool); done
 [ -f /usr/include/libelf.h ] || need_apt+=(libelf-dev)
+# The image tests: an OCI registry, and independent tools that build and push images.
+command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
+command -v umoci >/dev/null 2>&1 || need_apt+=(umoci)
+[ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)
 # virtiofsd builds against these.
 [ -f /usr/include/seccomp.h ] || need_apt+=(libseccomp-dev)
 [ -f /usr/include/cap-ng.h ] || need_apt+=(libcap-ng-dev)
@@ -44,8 +48,10 @@ command -v virtiofsd >/dev/null 2>&1 ||
 
 # The guest kernel (cached by config hash; ~7 minutes the first time on 2 cores).
 bash fixtures/kernel/build.sh >/dev/null
-# The busybox root tree the VM tests boot.
+# The busybox root tree the VM tests boot, and the busybox image (OCI layout and docker
+# archive) the image tests import and push to a registry.
 bash fixtures/rootfs/busybox-box.sh >/dev/null
+bash fixtures/oci/busybox-image.sh >/dev/null
 
 if [ "${1:-}" = fuzz ]; then
     rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal

@@ -37,7 +37,7 @@ fn le32(b: &[u8], o: usize) -> u32 {
 /// The ext4 form of a VFS-format ACL value.
 pub fn to_disk(vfs: &[u8]) -> Result<Vec<u8>> {
     const WHAT: &str = "xattr value";
-    if vfs.len() < 4 || (vfs.len() - 4) % 8 != 0 {
+    if vfs.len() < 4 || !(vfs.len() - 4).is_multiple_of(8) {
         return Err(bad(WHAT, format_args!("{} bytes", vfs.len())));
     }
     if le32(vfs, 0) != VFS_VERSION {

@@ -55,7 +55,7 @@ pub fn parse_entries(
         } else {
             (usize::from(le16(data, off + 6)), 0)
         };
-        if rec_len < 8 || rec_len % 4 != 0 || off + rec_len > data.len() {
+        if rec_len < 8 || !rec_len.is_multiple_of(4) || off + rec_len > data.len() {
             return Err(derr(
                 dir.ino,
                 block,

@@ -242,7 +242,7 @@ impl Header {
             h.refcount_order = v3.refcount_order.get();
             h.header_length = v3.header_length.get();
             if h.header_length < V3_MIN_HEADER_LEN
-                || h.header_length % 8 != 0
+                || !h.header_length.is_multiple_of(8)
                 || u64::from(h.header_length) > cluster_size
             {
                 return Err(Corruption::HeaderLength(h.header_length).into());
@@ -534,7 +534,7 @@ pub(crate) fn check_table(
     cluster_size: u64,
     file_len: u64,
 ) -> Result<()> {
-    if offset % cluster_size != 0 || offset == 0 {
+    if !offset.is_multiple_of(cluster_size) || offset == 0 {
         return Err(Corruption::Unaligned { table, offset }.into());
     }
     match offset.checked_add(len) {

@@ -66,7 +66,7 @@ pub(crate) fn decode_l2(entry: u64, cluster_bits: u32) -> Result<Mapping> {
     }
     let host = entry & L2_OFFSET_MASK;
     let copied = entry & OFLAG_COPIED != 0;
-    if host % (1u64 << cluster_bits) != 0 {
+    if !host.is_multiple_of(1u64 << cluster_bits) {
         return Err(Corruption::Unaligned {
             table: "data cluster",
             offset: host,
@@ -297,7 +297,7 @@ impl Qcow2 {
         if let Some(i) = self.l2.find(offset) {
             return Ok(i);
         }
-        if offset % self.cluster_size != 0 {
+        if !offset.is_multiple_of(self.cluster_size) {
             return Err(Corruption::Unaligned {
                 table: "L2 table",
                 offset,

@@ -410,7 +410,7 @@ impl Refcounts {
         let cs = 1u64 << self.cluster_bits;
         for e in &self.table {
             let off = e & REFT_OFFSET_MASK;
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(Corruption::Unaligned {
                     table: "refcount block",
                     offset: off,

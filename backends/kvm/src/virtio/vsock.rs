@@ -243,7 +243,7 @@ struct Complaints(u64);
 impl Complaints {
     fn log(&mut self, what: std::fmt::Arguments<'_>) {
         self.0 += 1;
-        if self.0 <= 10 || self.0 % 1000 == 0 {
+        if self.0 <= 10 || self.0.is_multiple_of(1000) {
             eprintln!("boxlet-vmm: vsock: {what} (complaint {})", self.0);
         }
     }

@@ -1,0 +1,220 @@
+//! Fixtures of the image tests: the busybox image (built by fixtures/oci with umoci and
+//! skopeo), and a real registry (Debian's docker-registry) on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use boxlet_cas::Digest;
+
+/// The busybox fixture: `layout/` (OCI layout, tag latest) and `docker-archive.tar`.
+pub fn busybox_fixture() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/oci/busybox-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed (scripts/setup.sh installs umoci and skopeo)",
+        script.display()
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A store in a temporary directory.
+pub fn store() -> (tempfile::TempDir, boxlet_cas::Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = boxlet_cas::Store::open(dir.path().join("home")).unwrap();
+    (dir, store)
+}
+
+/// A docker-registry serving on 127.0.0.1, stopped on drop.
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Start a registry; with `htpasswd`, it asks for basic auth with those lines.
+    pub fn start(htpasswd: Option<&str>) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some(lines) = htpasswd {
+            let path = dir.path().join("htpasswd");
+            std::fs::write(&path, lines).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: boxlet\n    path: {}\n",
+                path.display()
+            ));
+        }
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let bin = ["docker-registry", "/usr/bin/docker-registry"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("--version").output().is_ok())
+            .expect("docker-registry is not installed (scripts/setup.sh installs it)");
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Registry {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Push an image with skopeo (`src` in skopeo's transport syntax) to `repo:tag`.
+    pub fn push(&self, src: &str, repo_tag: &str, creds: Option<&str>) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "-q", "--all", "--dest-tls-verify=false"]);
+        if let Some(c) = creds {
+            cmd.args(["--dest-creds", c]);
+        }
+        let st = cmd
+            .arg(src)
+            .arg(format!("docker://{}/{repo_tag}", self.addr))
+            .status()
+            .unwrap();
+        assert!(st.success(), "skopeo copy {src} failed");
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every path under `root` with its type, mode and content (files) or target (links).
+pub fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let what = if m.file_type().is_symlink() {
+                format!("link {}", std::fs::read_link(&p).unwrap().display())
+            } else if m.is_dir() {
+                walk(root, &p, out);
+                format!("dir {:o}", m.mode() & 0o7777)
+            } else {
+                let data = std::fs::read(&p).unwrap();
+                format!(
+                    "file {:o} {} {}",
+                    m.mode() & 0o7777,
+                    data.len(),
+                    boxlet_cas::Digest::of(boxlet_cas::Algorithm::Blake3, &data)
+                )
+            };
+            out.insert(rel, what);
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}
+
+/// Copy a layout so a test may change it.
+pub fn copy_layout(src: &Path, dst: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(src)
+        .arg(dst)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// A copy of a one-image layout turned multi-platform.
+pub struct MultiLayout {
+    /// The original (amd64) manifest.
+    pub amd64: Digest,
+    /// The nested index (arm64 first, then amd64).
+    pub nested: Digest,
+    /// Its document.
+    pub nested_doc: serde_json::Value,
+}
+
+/// Copy `src` to `dst` and make its image multi-platform: `index.json` names (as
+/// `example.com/multi:1`) an index of an arm64 variant (the same layers, a config that
+/// says arm64) and the original amd64 manifest.
+pub fn multi_platform_layout(src: &Path, dst: &Path) -> MultiLayout {
+    use boxlet_cas::Algorithm;
+    use std::fs;
+    copy_layout(src, dst);
+    let blob = |d: &str| {
+        dst.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let write_blob = |v: &serde_json::Value| -> (Digest, usize) {
+        let bytes = serde_json::to_vec(v).unwrap();
+        let d = Digest::of(Algorithm::Sha256, &bytes);
+        fs::write(dst.join("blobs/sha256").join(d.hex()), &bytes).unwrap();
+        (d, bytes.len())
+    };
+    let read = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
+    };
+    let index = read(dst.join("index.json"));
+    let amd64 = index["manifests"][0].clone();
+    let manifest = read(blob(amd64["digest"].as_str().unwrap()));
+    let mut config = read(blob(manifest["config"]["digest"].as_str().unwrap()));
+    config["architecture"] = "arm64".into();
+    let (cd, cs) = write_blob(&config);
+    let mut arm_manifest = manifest.clone();
+    arm_manifest["config"]["digest"] = cd.to_string().into();
+    arm_manifest["config"]["size"] = cs.into();
+    let (md, ms) = write_blob(&arm_manifest);
+    let nested_doc = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md.to_string(), "size": ms,
+             "platform": {"os": "linux", "architecture": "arm64"}},
+            {"mediaType": amd64["mediaType"], "digest": amd64["digest"], "size": amd64["size"],
+             "platform": {"os": "linux", "architecture": "amd64"}},
+        ]
+    });
+    let (nd, ns) = write_blob(&nested_doc);
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": nd.to_string(), "size": ns,
+                       "annotations": {"io.containerd.image.name": "example.com/multi:1",
+                                       "org.opencontainers.image.ref.name": "1"}}]
+    });
+    fs::write(dst.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    MultiLayout {
+        amd64: amd64["digest"].as_str().unwrap().parse().unwrap(),
+        nested: nd,
+        nested_doc,
+    }
+}

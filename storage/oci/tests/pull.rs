@@ -1,0 +1,192 @@
+//! Pulls from a real registry (Debian's docker-registry on 127.0.0.1), with images pushed
+//! by skopeo.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use boxlet_cas::Digest;
+use boxlet_oci::{
+    import_layout, pull, unpack, ApplyOptions, Credentials, OciError, PullOptions, PullProgress,
+    Quiet, StoredImage,
+};
+use common::{busybox_fixture, multi_platform_layout, store, tree, Registry};
+
+fn insecure() -> PullOptions {
+    PullOptions {
+        insecure: true,
+        ..PullOptions::default()
+    }
+}
+
+#[derive(Default)]
+struct Counting {
+    bytes: AtomicU64,
+    reused: AtomicU64,
+}
+
+impl PullProgress for Counting {
+    fn advanced(&self, _: &Digest, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    fn finished(&self, _: &Digest, reused: bool) {
+        if reused {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_pull_stores_verified_blobs_and_a_second_pull_fetches_nothing() {
+    let fixture = busybox_fixture();
+    let registry = Registry::start(None);
+    registry.push(
+        &format!("oci:{}:latest", fixture.join("layout").display()),
+        "boxlet/busybox:latest",
+        None,
+    );
+    let (dir, store) = store();
+    let reference = format!("{}/boxlet/busybox:latest", registry.addr);
+
+    let progress = Arc::new(Counting::default());
+    let report = pull(&store, &reference, &insecure(), progress.clone())
+        .await
+        .unwrap();
+    assert_eq!(report.image.reference, reference);
+    assert_eq!(report.image.layers.len(), 2);
+    assert_eq!(
+        (report.fetched, report.reused),
+        (3, 0),
+        "config and two layers"
+    );
+    assert_eq!(progress.bytes.load(Ordering::Relaxed), report.fetched_bytes);
+    assert!(store.verify().unwrap().problems.is_empty());
+
+    // The same tree as importing the layout the registry was fed from.
+    import_layout(&store, &fixture.join("layout"), Some("local")).unwrap();
+    let pulled = StoredImage::open(&store, &reference).unwrap();
+    let local = StoredImage::open(&store, "local").unwrap();
+    assert_eq!(pulled.layers, local.layers);
+    unpack(
+        &store,
+        &reference,
+        &dir.path().join("pulled"),
+        &ApplyOptions::default(),
+    )
+    .unwrap();
+    unpack(
+        &store,
+        "local",
+        &dir.path().join("local"),
+        &ApplyOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        tree(&dir.path().join("pulled")),
+        tree(&dir.path().join("local"))
+    );
+
+    let blobs = store.list_blobs().unwrap().len();
+    let again = pull(&store, &reference, &insecure(), progress.clone())
+        .await
+        .unwrap();
+    assert_eq!((again.fetched, again.reused), (0, 3));
+    assert_eq!(again.image.manifest, report.image.manifest);
+    assert_eq!(store.list_blobs().unwrap().len(), blobs);
+    assert_eq!(progress.reused.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn a_multi_platform_image_is_pulled_for_linux_amd64() {
+    let fixture = busybox_fixture();
+    let registry = Registry::start(None);
+    let (dir, store) = store();
+    let layout = dir.path().join("multi");
+    let multi = multi_platform_layout(&fixture.join("layout"), &layout);
+    registry.push(
+        &format!("oci:{}:1", layout.display()),
+        "boxlet/multi:1",
+        None,
+    );
+    let reference = format!("{}/boxlet/multi:1", registry.addr);
+    let report = pull(&store, &reference, &insecure(), Arc::new(Quiet))
+        .await
+        .unwrap();
+    assert_eq!(report.image.manifest, multi.amd64);
+    assert_eq!(report.image.index, Some(multi.nested));
+    assert_eq!(report.image.platform, "linux/amd64");
+}
+
+#[tokio::test]
+async fn basic_auth_is_sent_when_given_and_its_absence_is_a_clear_error() {
+    let fixture = busybox_fixture();
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let registry = Registry::start(Some(&format!("boxlet:{hash}\n")));
+    registry.push(
+        &format!("oci:{}:latest", fixture.join("layout").display()),
+        "private/busybox:latest",
+        Some("boxlet:s3cret"),
+    );
+    let (_dir, store) = store();
+    let reference = format!("{}/private/busybox:latest", registry.addr);
+
+    let err = pull(&store, &reference, &insecure(), Arc::new(Quiet))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OciError::Registry { .. }), "{err}");
+    assert!(err.to_string().contains(&reference), "{err}");
+    let wrong = PullOptions {
+        credentials: Credentials::Basic {
+            user: "boxlet".into(),
+            password: "wrong".into(),
+        },
+        ..insecure()
+    };
+    assert!(pull(&store, &reference, &wrong, Arc::new(Quiet))
+        .await
+        .is_err());
+
+    let right = PullOptions {
+        credentials: Credentials::Basic {
+            user: "boxlet".into(),
+            password: "s3cret".into(),
+        },
+        ..insecure()
+    };
+    let report = pull(&store, &reference, &right, Arc::new(Quiet))
+        .await
+        .unwrap();
+    assert_eq!(report.fetched, 3);
+    assert!(store.list_blobs().unwrap().len() >= 4);
+}
+
+#[tokio::test]
+async fn missing_images_and_unreachable_registries_are_errors_naming_the_reference() {
+    let registry = Registry::start(None);
+    let (_dir, store) = store();
+    let missing = format!("{}/nobody/nothing:1", registry.addr);
+    let err = pull(&store, &missing, &insecure(), Arc::new(Quiet))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&missing), "{err}");
+
+    // Plain HTTP is refused unless asked for.
+    let err = pull(&store, &missing, &PullOptions::default(), Arc::new(Quiet))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&missing), "{err}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nowhere = format!("127.0.0.1:{port}/x/y:1");
+    let err = pull(&store, &nowhere, &insecure(), Arc::new(Quiet))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&nowhere), "{err}");
+    assert!(store.list_blobs().unwrap().is_empty());
+    assert!(store.images().unwrap().is_empty());
+}
