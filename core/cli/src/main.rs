@@ -2,6 +2,7 @@
 
 mod agent;
 mod ext4;
+mod image;
 mod kernel;
 mod qcow2;
 mod size;
@@ -34,6 +35,16 @@ enum Command {
     /// Boot VMs and run commands in them.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Pull an image from a registry into the store.
+    Pull(image::PullArgs),
+    /// Import an OCI image layout directory or a `docker save` archive into the store.
+    Import(image::ImportArgs),
+    /// List the images in the store.
+    Images(image::ImagesArgs),
+    /// Forget an image (its blobs go at the next `boxlet store gc`).
+    Rmi(image::RmiArgs),
+    /// Apply an image's layers, securely, into a directory.
+    Unpack(image::UnpackArgs),
     /// The content store under $BOXLET_HOME (default ~/.boxlet): verify, gc, du.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -58,6 +69,11 @@ fn main() -> ExitCode {
         Command::Kernel(cmd) => kernel::run(cmd),
         Command::Vm(cmd) => vm::run(cmd),
         Command::Store(cmd) => store::run(cmd),
+        Command::Pull(args) => image::pull(args),
+        Command::Import(args) => image::import(args),
+        Command::Images(args) => image::images(args),
+        Command::Rmi(args) => image::rmi(args),
+        Command::Unpack(args) => image::unpack(args),
     };
     match res {
         Ok(code) => code,

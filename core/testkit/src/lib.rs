@@ -57,6 +57,14 @@ pub fn agent() -> PathBuf {
     p
 }
 
+pub mod registry;
+
+/// The busybox OCI image (fixtures/oci/busybox-image.sh): `layout/` (an OCI layout, tag
+/// `latest`, two layers) and `docker-archive.tar`.
+pub fn busybox_image() -> PathBuf {
+    script_output("fixtures/oci/busybox-image.sh", &[])
+}
+
 /// The busybox test tree (fixtures/rootfs/busybox-box.sh).
 pub fn box_tree() -> PathBuf {
     script_output("fixtures/rootfs/busybox-box.sh", &[])

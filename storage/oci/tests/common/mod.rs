@@ -1,28 +1,17 @@
 //! Fixtures of the image tests: the busybox image (built by fixtures/oci with umoci and
 //! skopeo), and a real registry (Debian's docker-registry) on 127.0.0.1.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use boxlet_cas::Digest;
 
+pub use boxlet_testkit::registry::Registry;
+
 /// The busybox fixture: `layout/` (OCI layout, tag latest) and `docker-archive.tar`.
 pub fn busybox_fixture() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/oci/busybox-image.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{} failed (scripts/setup.sh installs umoci and skopeo)",
-        script.display()
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    boxlet_testkit::busybox_image()
 }
 
 /// A store in a temporary directory.
@@ -30,87 +19,6 @@ pub fn store() -> (tempfile::TempDir, boxlet_cas::Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = boxlet_cas::Store::open(dir.path().join("home")).unwrap();
     (dir, store)
-}
-
-/// A docker-registry serving on 127.0.0.1, stopped on drop.
-pub struct Registry {
-    child: Child,
-    /// `127.0.0.1:PORT`.
-    pub addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Registry {
-    /// Start a registry; with `htpasswd`, it asks for basic auth with those lines.
-    pub fn start(htpasswd: Option<&str>) -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.path().join("data").display()
-        );
-        if let Some(lines) = htpasswd {
-            let path = dir.path().join("htpasswd");
-            std::fs::write(&path, lines).unwrap();
-            config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: boxlet\n    path: {}\n",
-                path.display()
-            ));
-        }
-        let cfg = dir.path().join("config.yml");
-        std::fs::write(&cfg, config).unwrap();
-        let bin = ["docker-registry", "/usr/bin/docker-registry"]
-            .into_iter()
-            .find(|b| Command::new(b).arg("--version").output().is_ok())
-            .expect("docker-registry is not installed (scripts/setup.sh installs it)");
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not listen on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Registry {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    /// Push an image with skopeo (`src` in skopeo's transport syntax) to `repo:tag`.
-    pub fn push(&self, src: &str, repo_tag: &str, creds: Option<&str>) {
-        let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "-q", "--all", "--dest-tls-verify=false"]);
-        if let Some(c) = creds {
-            cmd.args(["--dest-creds", c]);
-        }
-        let st = cmd
-            .arg(src)
-            .arg(format!("docker://{}/{repo_tag}", self.addr))
-            .status()
-            .unwrap();
-        assert!(st.success(), "skopeo copy {src} failed");
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Every path under `root` with its type, mode and content (files) or target (links).
