@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_TIME ?= 20
 
-.PHONY: all build setup test test-nested demo lint bench bench-ext4 bench-vm fuzz-smoke corpus clean
+.PHONY: all build setup test test-nested demo lint bench bench-ext4 bench-vm bench-images fuzz-smoke corpus clean
 
 all: build
 
@@ -34,6 +34,10 @@ bench: setup
 # ext4 builder against mke2fs -d and tar -x + mke2fs -d (needs root, debootstrap).
 bench-ext4: setup
 	bash benches/ext4_build.sh
+
+# The store's ingest against sha256sum/b3sum/dd, and a pull against skopeo copy.
+bench-images: setup
+	bash benches/image_bench.sh
 
 # Boot to agent-ready, `vm run -- true`, exec round trip (medians; names the acceleration).
 bench-vm: setup

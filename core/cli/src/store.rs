@@ -22,12 +22,27 @@ pub enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Ingest a file as a blob and print its digest (benchmarks and debugging: GC removes
+    /// blobs no image or box names).
+    Ingest {
+        /// The file.
+        file: PathBuf,
+        /// The digest algorithm.
+        #[arg(long, value_enum, default_value = "sha256")]
+        alg: Alg,
+    },
     /// What the store occupies.
     Du {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Alg {
+    Sha256,
+    Blake3,
 }
 
 /// boxlet's home: `$BOXLET_HOME`, else `~/.boxlet`.
@@ -112,6 +127,16 @@ pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
                     r.blobs_kept
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Ingest { file, alg } => {
+            let alg = match alg {
+                Alg::Sha256 => boxlet_cas::Algorithm::Sha256,
+                Alg::Blake3 => boxlet_cas::Algorithm::Blake3,
+            };
+            let mut f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            let info = store.ingest(&mut f, alg, None, &store.lease())?;
+            println!("{} {}", info.digest, info.size);
             Ok(ExitCode::SUCCESS)
         }
         StoreCommand::Du { json } => {

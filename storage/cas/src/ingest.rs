@@ -18,6 +18,7 @@ use crate::error::{CasError, Result};
 use crate::fault::Step;
 use crate::id::BoxId;
 use crate::lease::Lease;
+use crate::pipe::WritePipe;
 use crate::records::{unix_now, BlobInfo};
 use crate::schema::{DbContext, BLOBS};
 use crate::store::{sync_dir, Store};
@@ -59,8 +60,9 @@ impl Store {
             return Ok(info);
         }
         let mut writer = self.writer(alg, expected)?;
-        let mut buf = vec![0u8; CHUNK];
         loop {
+            let mut buf = writer.buffer();
+            buf.resize(CHUNK, 0);
             let n = match src.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -72,7 +74,8 @@ impl Store {
                     })
                 }
             };
-            writer.push(&buf[..n])?;
+            buf.truncate(n);
+            writer.push_owned(buf)?;
         }
         writer.commit(lease)
     }
@@ -107,7 +110,7 @@ impl Store {
             .map_err(CasError::io("creating", &tmp_path))?;
         let writer = BlobWriter {
             store: self,
-            file: Some(file),
+            out: Out::Inline(file),
             tmp_path,
             hasher: Hasher::new(alg),
             written: 0,
@@ -137,11 +140,20 @@ impl Store {
     }
 }
 
+/// Where a writer's bytes go: written inline while the content is small, then through a
+/// writer thread.
+#[derive(Debug)]
+enum Out {
+    Inline(File),
+    Piped(WritePipe),
+    Failed,
+}
+
 /// Content being ingested (see [`Store::writer`]).
 #[derive(Debug)]
 pub struct BlobWriter<'s> {
     store: &'s Store,
-    file: Option<File>,
+    out: Out,
     tmp_path: PathBuf,
     hasher: Hasher,
     written: u64,
@@ -161,6 +173,25 @@ impl BlobWriter<'_> {
 
     /// Hash and write one piece. Fails as soon as the content is longer than announced.
     pub fn push(&mut self, data: &[u8]) -> Result<()> {
+        match &self.out {
+            Out::Piped(pipe) => {
+                let mut buf = pipe.buffer();
+                buf.extend_from_slice(data);
+                self.push_owned(buf)
+            }
+            _ => self.push_owned(data.to_vec()),
+        }
+    }
+
+    /// A buffer for [`push_owned`](Self::push_owned) (a recycled one when there is one).
+    fn buffer(&self) -> Vec<u8> {
+        match &self.out {
+            Out::Piped(pipe) => pipe.buffer(),
+            _ => Vec::with_capacity(CHUNK),
+        }
+    }
+
+    fn push_owned(&mut self, data: Vec<u8>) -> Result<()> {
         let total = self.written + data.len() as u64;
         if let Some(Expected {
             digest,
@@ -176,12 +207,26 @@ impl BlobWriter<'_> {
                 });
             }
         }
-        self.hasher.update(data);
-        let file = self.file.as_mut().ok_or_else(|| {
-            CasError::io("writing", &self.tmp_path)(io::Error::other("the writer has failed"))
-        })?;
-        file.write_all(data)
-            .map_err(CasError::io("writing", &self.tmp_path))?;
+        self.hasher.update(&data);
+        self.out = match std::mem::replace(&mut self.out, Out::Failed) {
+            // Small content is written here; past one chunk, a writer thread takes over.
+            Out::Inline(mut file) if total <= CHUNK as u64 => {
+                file.write_all(&data).map_err(CasError::io("writing", self.tmp_path.clone()))?;
+                Out::Inline(file)
+            }
+            Out::Inline(file) => {
+                let mut pipe = WritePipe::start(file, CHUNK).map_err(CasError::io("writing", self.tmp_path.clone()))?;
+                pipe.send(data).map_err(CasError::io("writing", self.tmp_path.clone()))?;
+                Out::Piped(pipe)
+            }
+            Out::Piped(mut pipe) => {
+                pipe.send(data).map_err(CasError::io("writing", self.tmp_path.clone()))?;
+                Out::Piped(pipe)
+            }
+            Out::Failed => {
+                return Err(CasError::io("writing", self.tmp_path.clone())(io::Error::other("the writer has failed")))
+            }
+        };
         self.written = total;
         self.store.fault.check(Step::IngestChunk)
     }
@@ -206,10 +251,16 @@ impl BlobWriter<'_> {
                 });
             }
         }
+        let file = match std::mem::replace(&mut self.out, Out::Failed) {
+            Out::Inline(file) => file,
+            Out::Piped(pipe) => pipe.finish().map_err(CasError::io("writing", &self.tmp_path))?,
+            Out::Failed => {
+                return Err(CasError::io("writing", &self.tmp_path)(io::Error::other(
+                    "the writer has failed",
+                )))
+            }
+        };
         store.fault.check(Step::IngestWritten)?;
-        let file = self.file.take().ok_or_else(|| {
-            CasError::io("syncing", &self.tmp_path)(io::Error::other("the writer has failed"))
-        })?;
         file.set_permissions(fs::Permissions::from_mode(0o444))
             .and_then(|()| file.sync_all())
             .map_err(CasError::io("syncing", &self.tmp_path))?;

@@ -18,6 +18,7 @@ mod id;
 mod images;
 mod ingest;
 mod lease;
+mod pipe;
 mod records;
 mod schema;
 mod store;
