@@ -29,6 +29,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Layers applied bottom first, each checked against its diff ID; nothing written
     // outside `dir`, whatever the layers contain.
     let applied = unpack(&store, reference, dir.as_ref(), &ApplyOptions::default())?;
-    println!("{dir}: {} files, {} symlinks", applied.files, applied.symlinks);
+    println!(
+        "{dir}: {} files, {} symlinks",
+        applied.files, applied.symlinks
+    );
     Ok(())
 }

@@ -134,7 +134,8 @@ pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
                 Alg::Sha256 => boxlet_cas::Algorithm::Sha256,
                 Alg::Blake3 => boxlet_cas::Algorithm::Blake3,
             };
-            let mut f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            let mut f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
             let info = store.ingest(&mut f, alg, None, &store.lease())?;
             println!("{} {}", info.digest, info.size);
             Ok(ExitCode::SUCCESS)

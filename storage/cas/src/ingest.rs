@@ -211,20 +211,26 @@ impl BlobWriter<'_> {
         self.out = match std::mem::replace(&mut self.out, Out::Failed) {
             // Small content is written here; past one chunk, a writer thread takes over.
             Out::Inline(mut file) if total <= CHUNK as u64 => {
-                file.write_all(&data).map_err(CasError::io("writing", self.tmp_path.clone()))?;
+                file.write_all(&data)
+                    .map_err(CasError::io("writing", self.tmp_path.clone()))?;
                 Out::Inline(file)
             }
             Out::Inline(file) => {
-                let mut pipe = WritePipe::start(file, CHUNK).map_err(CasError::io("writing", self.tmp_path.clone()))?;
-                pipe.send(data).map_err(CasError::io("writing", self.tmp_path.clone()))?;
+                let mut pipe = WritePipe::start(file, CHUNK)
+                    .map_err(CasError::io("writing", self.tmp_path.clone()))?;
+                pipe.send(data)
+                    .map_err(CasError::io("writing", self.tmp_path.clone()))?;
                 Out::Piped(pipe)
             }
             Out::Piped(mut pipe) => {
-                pipe.send(data).map_err(CasError::io("writing", self.tmp_path.clone()))?;
+                pipe.send(data)
+                    .map_err(CasError::io("writing", self.tmp_path.clone()))?;
                 Out::Piped(pipe)
             }
             Out::Failed => {
-                return Err(CasError::io("writing", self.tmp_path.clone())(io::Error::other("the writer has failed")))
+                return Err(CasError::io("writing", self.tmp_path.clone())(
+                    io::Error::other("the writer has failed"),
+                ))
             }
         };
         self.written = total;
@@ -253,7 +259,9 @@ impl BlobWriter<'_> {
         }
         let file = match std::mem::replace(&mut self.out, Out::Failed) {
             Out::Inline(file) => file,
-            Out::Piped(pipe) => pipe.finish().map_err(CasError::io("writing", &self.tmp_path))?,
+            Out::Piped(pipe) => pipe
+                .finish()
+                .map_err(CasError::io("writing", &self.tmp_path))?,
             Out::Failed => {
                 return Err(CasError::io("writing", &self.tmp_path)(io::Error::other(
                     "the writer has failed",
