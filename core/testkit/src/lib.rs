@@ -58,6 +58,7 @@ pub fn agent() -> PathBuf {
 }
 
 pub mod registry;
+pub mod token_server;
 
 /// The busybox OCI image (fixtures/oci/busybox-image.sh): `layout/` (an OCI layout, tag
 /// `latest`, two layers) and `docker-archive.tar`.

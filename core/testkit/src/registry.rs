@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Registry {
     child: Child,
+    /// The token server, for a registry with bearer-token auth.
+    pub tokens: Option<crate::token_server::TokenServer>,
     /// `127.0.0.1:PORT`.
     pub addr: String,
     _dir: tempfile::TempDir,
@@ -16,7 +18,18 @@ pub struct Registry {
 impl Registry {
     /// Start a registry; with `htpasswd`, it asks for basic auth with those lines.
     pub fn start(htpasswd: Option<&str>) -> Registry {
+        Self::start_with(htpasswd, None)
+    }
+
+    /// Start a registry with bearer-token auth (Docker Hub's scheme) and its token server;
+    /// with `credentials`, the token server hands out tokens only for them.
+    pub fn start_with_tokens(credentials: Option<(&str, &str)>) -> Registry {
+        Self::start_with(None, Some(credentials))
+    }
+
+    fn start_with(htpasswd: Option<&str>, tokens: Option<Option<(&str, &str)>>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
+        let tokens = tokens.map(|creds| crate::token_server::TokenServer::start(dir.path(), creds));
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -33,6 +46,15 @@ impl Registry {
             config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: boxlet\n    path: {}\n",
                 path.display()
+            ));
+        }
+        if let Some(t) = &tokens {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                t.realm,
+                crate::token_server::SERVICE,
+                crate::token_server::ISSUER,
+                t.cert.display()
             ));
         }
         let cfg = dir.path().join("config.yml");
@@ -58,6 +80,7 @@ impl Registry {
         }
         Registry {
             child,
+            tokens,
             addr,
             _dir: dir,
         }

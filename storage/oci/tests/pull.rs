@@ -190,3 +190,52 @@ async fn missing_images_and_unreachable_registries_are_errors_naming_the_referen
     assert!(store.list_blobs().unwrap().is_empty());
     assert!(store.images().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn bearer_tokens_are_fetched_from_the_realm_the_registry_names() {
+    let fixture = busybox_fixture();
+    let src = format!("oci:{}:latest", fixture.join("layout").display());
+
+    // Anonymous tokens, as public registries hand out.
+    let public = Registry::start_with_tokens(None);
+    public.push(&src, "boxlet/busybox:latest", None);
+    let issued = || {
+        public
+            .tokens
+            .as_ref()
+            .unwrap()
+            .issued
+            .load(Ordering::SeqCst)
+    };
+    let before = issued();
+    let (_dir, store) = store();
+    let reference = format!("{}/boxlet/busybox:latest", public.addr);
+    let report = pull(&store, &reference, &insecure(), Arc::new(Quiet))
+        .await
+        .unwrap();
+    assert_eq!(report.fetched, 3);
+    assert!(issued() > before, "no token was asked for");
+
+    // Tokens only for a user's credentials: exchanged for a token, never sent to the
+    // registry itself.
+    let private = Registry::start_with_tokens(Some(("boxlet", "tok3n")));
+    private.push(&src, "private/busybox:latest", Some("boxlet:tok3n"));
+    let reference = format!("{}/private/busybox:latest", private.addr);
+    let (_dir2, store) = common::store();
+    let err = pull(&store, &reference, &insecure(), Arc::new(Quiet))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&reference), "{err}");
+    let with_user = PullOptions {
+        credentials: Credentials::Basic {
+            user: "boxlet".into(),
+            password: "tok3n".into(),
+        },
+        ..insecure()
+    };
+    let report = pull(&store, &reference, &with_user, Arc::new(Quiet))
+        .await
+        .unwrap();
+    assert_eq!(report.fetched, 3);
+    assert!(store.verify().unwrap().problems.is_empty());
+}
