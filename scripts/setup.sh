@@ -18,6 +18,7 @@ for tool in flex bison bc; do command -v $tool >/dev/null 2>&1 || need_apt+=($to
 command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
 command -v umoci >/dev/null 2>&1 || need_apt+=(umoci)
 [ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # virtiofsd builds against these.
 [ -f /usr/include/seccomp.h ] || need_apt+=(libseccomp-dev)
 [ -f /usr/include/cap-ng.h ] || need_apt+=(libcap-ng-dev)

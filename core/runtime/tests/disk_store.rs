@@ -24,6 +24,7 @@ fn disk(
             size_bytes: 100,
         },
         created_at,
+        blob: None,
     }
 }
 

@@ -4,8 +4,9 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use crate::error::{CasError, Result};
 use crate::id::BaseDiskId;
+use crate::images::adjust_references;
 use crate::records::{BaseDisk, BaseDiskKind};
-use crate::schema::{decode, decode_all, encode, DbContext, BASE_DISKS, BASE_DISK_NAMES};
+use crate::schema::{decode, decode_all, encode, DbContext, BASE_DISKS, BASE_DISK_NAMES, BLOBS};
 use crate::store::Store;
 
 impl Store {
@@ -33,6 +34,8 @@ impl Store {
                 }
                 names.insert(key, id.as_str()).db(p)?;
             }
+            let mut blobs = txn.open_table(BLOBS).db(p)?;
+            adjust_references(&mut blobs, &disk.blob, true, &format!("base disk {id}"), p)?;
             disks.insert(id.as_str(), encode(disk).as_slice()).db(p)?;
         }
         txn.commit().db(p)

@@ -33,7 +33,7 @@ pub struct GcReport {
 }
 
 impl Store {
-    /// Every blob named by an image, a box, or a live lease: the roots of GC.
+    /// Every blob named by an image, a box, a base disk, or a live lease: the roots of GC.
     pub fn live_blobs(&self) -> Result<HashSet<Digest>> {
         let mut live = self.leases.snapshot();
         for image in self.images()? {
@@ -42,6 +42,7 @@ impl Store {
         for b in self.boxes()? {
             live.extend(b.blobs);
         }
+        live.extend(self.all_base_disks()?.into_iter().filter_map(|d| d.blob));
         Ok(live)
     }
 

@@ -86,6 +86,10 @@ pub struct BaseDisk {
     pub disk_info: DiskInfo,
     /// When it was recorded (unix seconds).
     pub created_at: i64,
+    /// The blob holding the disk, when the store holds it: kept by GC while the record
+    /// exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<Digest>,
 }
 
 /// Where a box is in its life.

@@ -20,7 +20,7 @@ pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("me
 pub(crate) const FORMAT_KEY: &str = "format_version";
 
 /// `blobs`: digest ("sha256:<hex>") -> (size, created (unix seconds), references).
-/// References count the mentions of the blob in image and box records.
+/// References count the mentions of the blob in image, box and base-disk records.
 pub(crate) const BLOBS: TableDefinition<'_, &str, (u64, u64, u64)> = TableDefinition::new("blobs");
 
 /// `images`: reference -> JSON [`ImageRecord`](crate::ImageRecord).

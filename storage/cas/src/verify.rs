@@ -162,6 +162,11 @@ impl Store {
                     count(format!("box {}", b.id), d);
                 }
             }
+            for disk in self.all_base_disks()? {
+                if let Some(d) = &disk.blob {
+                    count(format!("base disk {}", disk.id), d);
+                }
+            }
             (blobs, orphans, counted, dangling)
         };
         let _shared = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
@@ -284,4 +289,57 @@ fn dir_bytes(dir: &Path) -> u64 {
             _ => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::schema::{DbContext, BLOBS};
+    use crate::{unix_now, Algorithm, ImageRecord, Problem, Store};
+
+    #[test]
+    fn a_record_naming_a_blob_the_index_lost_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let lease = store.lease();
+        let put = |d: &[u8]| {
+            store
+                .ingest_bytes(d, Algorithm::Sha256, None, &lease)
+                .unwrap()
+                .digest
+        };
+        let (manifest, config, layer) = (put(b"m"), put(b"c"), put(b"l"));
+        store
+            .put_image(&ImageRecord {
+                reference: "x".into(),
+                index: None,
+                manifest,
+                config,
+                layers: vec![layer],
+                platform: "linux/amd64".into(),
+                created_at: unix_now(),
+            })
+            .unwrap();
+        // Damage the index behind the store's back.
+        let p = &store.db_path;
+        let txn = store.db.begin_write().db(p).unwrap();
+        txn.open_table(BLOBS)
+            .db(p)
+            .unwrap()
+            .remove(layer.to_string().as_str())
+            .db(p)
+            .unwrap();
+        txn.commit().db(p).unwrap();
+
+        let problems = store.verify().unwrap().problems;
+        assert!(
+            problems.contains(&Problem::Dangling {
+                record: "image x".into(),
+                digest: layer
+            }),
+            "{problems:?}"
+        );
+        assert!(problems
+            .iter()
+            .any(|p| matches!(p, Problem::Orphan(path) if path.ends_with(layer.hex()))));
+    }
 }

@@ -85,7 +85,7 @@ fn gc_running_beside_ingests_never_loses_a_leased_blob() {
 }
 
 #[test]
-fn verify_finds_corrupt_truncated_missing_orphan_and_dangling_content() {
+fn verify_finds_corrupt_truncated_missing_and_orphan_content() {
     let (dir, store) = store();
     let img = image(&store, "a:1", &[b"layer one", b"layer two", b"layer three"]);
     let clean = store.verify().unwrap();
@@ -138,4 +138,41 @@ fn usage_counts_blobs_records_and_tmp() {
     assert_eq!(usage.tmp_bytes, 123);
     assert_eq!(usage.images, 1);
     assert!(usage.index_bytes > 0);
+}
+
+#[test]
+fn a_base_disk_keeps_its_blob_until_its_record_goes() {
+    use boxlet_cas::{BaseDisk, BaseDiskId, BaseDiskKind, CasError, DiskInfo};
+    let (_dir, store) = store();
+    let disk_blob = put(&store, b"an ext4 image, say");
+    let disk = |blob| BaseDisk {
+        id: BaseDiskId::mint(),
+        source_box_id: "__global__".into(),
+        name: None,
+        kind: BaseDiskKind::Image,
+        disk_info: DiskInfo {
+            base_path: store.blob_path(&disk_blob.digest).display().to_string(),
+            container_disk_bytes: 0,
+            size_bytes: disk_blob.size,
+        },
+        created_at: 0,
+        blob,
+    };
+    let kept = disk(Some(disk_blob.digest));
+    store.insert_base_disk(&kept).unwrap();
+    assert_eq!(
+        store.stat(&disk_blob.digest).unwrap().unwrap().references,
+        1
+    );
+    assert_eq!(store.gc().unwrap().blobs_removed, 0);
+    assert!(store.contains(&disk_blob.digest).unwrap());
+    assert!(store.verify().unwrap().problems.is_empty());
+
+    let missing = Digest::of(Algorithm::Sha256, b"no such disk");
+    let err = store.insert_base_disk(&disk(Some(missing))).unwrap_err();
+    assert!(matches!(err, CasError::MissingBlob { .. }), "{err}");
+
+    store.delete_base_disk(kept.id).unwrap();
+    assert_eq!(store.gc().unwrap().blobs_removed, 1);
+    assert!(!store.contains(&disk_blob.digest).unwrap());
 }

@@ -86,6 +86,7 @@ fn base_disk(
             size_bytes: 100,
         },
         created_at,
+        blob: None,
     }
 }
 
