@@ -17,6 +17,7 @@ for tool in flex bison bc; do command -v $tool >/dev/null 2>&1 || need_apt+=($to
 # The image tests: an OCI registry, and independent tools that build and push images.
 command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
 command -v umoci >/dev/null 2>&1 || need_apt+=(umoci)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 [ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # virtiofsd builds against these.
@@ -53,6 +54,8 @@ bash fixtures/kernel/build.sh >/dev/null
 # archive) the image tests import and push to a registry.
 bash fixtures/rootfs/busybox-box.sh >/dev/null
 bash fixtures/oci/busybox-image.sh >/dev/null
+# A Debian minbase image (debootstrap, a few minutes the first time) for the pull tests.
+bash fixtures/oci/minbase-image.sh >/dev/null
 
 if [ "${1:-}" = fuzz ]; then
     rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal

@@ -66,6 +66,19 @@ pub fn busybox_image() -> PathBuf {
     script_output("fixtures/oci/busybox-image.sh", &[])
 }
 
+/// The debootstrap minbase OCI image (fixtures/oci/minbase-image.sh): `layout/`, one
+/// layer made from [`reference_trees`]`/minbase` by umoci.
+pub fn minbase_image() -> PathBuf {
+    script_output("fixtures/oci/minbase-image.sh", &[])
+}
+
+/// The reference trees (fixtures/rootfs/make-trees.sh): `busybox/`, `minbase/` (debootstrap
+/// --variant=minbase bookworm) and their layer tarballs.
+pub fn reference_trees() -> PathBuf {
+    let out = script_output("fixtures/rootfs/make-trees.sh", &[]);
+    out
+}
+
 /// The busybox test tree (fixtures/rootfs/busybox-box.sh).
 pub fn box_tree() -> PathBuf {
     script_output("fixtures/rootfs/busybox-box.sh", &[])

@@ -331,6 +331,10 @@ impl Applier {
                 .map_err(|e| io_err("creating the node")(e.into()))?;
                 self.set_meta_at(&parent, name, &header)
                     .map_err(io_err("setting metadata"))?;
+                // mknod applied the umask; set the mode on exactly the node just made.
+                let mode = header.mode().unwrap_or(0o600) & 0o7777;
+                chmod_node(&parent, name, ftype, mode, self.opts.owners)
+                    .map_err(io_err("setting the node's mode"))?;
                 self.report.nodes += 1;
             }
             other => {
@@ -444,6 +448,31 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// chmod the node `name` in `parent` without following a symlink put in its place: through
+/// an `O_PATH` fd of it and its `/proc/self/fd` link (a node cannot be opened for real
+/// without side effects, and `fchmod` refuses `O_PATH` fds).
+fn chmod_node(
+    parent: &OwnedFd,
+    name: &[u8],
+    kind: FileType,
+    mode: u32,
+    owners: bool,
+) -> io::Result<()> {
+    let fd = rustix::fs::openat(
+        parent,
+        OsStr::from_bytes(name),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != kind {
+        return Err(io::Error::other("the node was replaced while it was made"));
+    }
+    let mode = if owners { mode } else { mode & 0o1777 };
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    rustix::fs::chmod(path.as_str(), Mode::from_raw_mode(mode))?;
+    Ok(())
 }
 
 fn timestamp(secs: u64) -> Timespec {

@@ -239,3 +239,46 @@ async fn bearer_tokens_are_fetched_from_the_realm_the_registry_names() {
     assert_eq!(report.fetched, 3);
     assert!(store.verify().unwrap().problems.is_empty());
 }
+
+#[tokio::test]
+async fn a_pulled_distribution_unpacks_to_the_tree_it_was_built_from() {
+    let minbase = boxlet_testkit::minbase_image();
+    let source = boxlet_testkit::reference_trees().join("minbase");
+    let registry = Registry::start(None);
+    registry.push(
+        &format!("oci:{}:latest", minbase.join("layout").display()),
+        "debian/minbase:bookworm",
+        None,
+    );
+    let (dir, store) = store();
+    let reference = format!("{}/debian/minbase:bookworm", registry.addr);
+    pull(&store, &reference, &insecure(), Arc::new(Quiet))
+        .await
+        .unwrap();
+    let root = dir.path().join("rootfs");
+    let opts = ApplyOptions {
+        devices: boxlet_oci::DevicePolicy::Create,
+        owners: true,
+    };
+    let report = unpack(&store, &reference, &root, &opts).unwrap();
+    assert!(report.files > 3000, "{report:?}");
+    // Owners, modes (set-id bits too), contents, hard-link counts, symlinks and device
+    // nodes, entry for entry, as debootstrap made them.
+    let (want, got) = (tree(&source), tree(&root));
+    let differ: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: {v} / {:?}", got.get(k)))
+        .chain(
+            got.keys()
+                .filter(|k| !want.contains_key(*k))
+                .map(|k| format!("{k}: extra")),
+        )
+        .take(20)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} entries, differing: {differ:#?}",
+        want.len()
+    );
+}

@@ -21,32 +21,45 @@ pub fn store() -> (tempfile::TempDir, boxlet_cas::Store) {
     (dir, store)
 }
 
-/// Every path under `root` with its type, mode and content (files) or target (links).
+/// Every path under `root`: type, mode, owner, and content digest and link count (files),
+/// target (symlinks) or device number (nodes).
 pub fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = std::collections::BTreeMap::new();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             let m = std::fs::symlink_metadata(&p).unwrap();
             let rel = p.strip_prefix(root).unwrap().display().to_string();
-            let what = if m.file_type().is_symlink() {
-                format!("link {}", std::fs::read_link(&p).unwrap().display())
-            } else if m.is_dir() {
-                walk(root, &p, out);
-                format!("dir {:o}", m.mode() & 0o7777)
-            } else {
-                let data = std::fs::read(&p).unwrap();
+            let ft = m.file_type();
+            let owner = format!("{}:{} {:o}", m.uid(), m.gid(), m.mode() & 0o7777);
+            let what = if ft.is_symlink() {
                 format!(
-                    "file {:o} {} {}",
-                    m.mode() & 0o7777,
-                    data.len(),
-                    boxlet_cas::Digest::of(boxlet_cas::Algorithm::Blake3, &data)
+                    "link {} {}:{}",
+                    std::fs::read_link(&p).unwrap().display(),
+                    m.uid(),
+                    m.gid()
                 )
+            } else if ft.is_dir() {
+                walk(root, &p, out);
+                format!("dir {owner}")
+            } else if ft.is_file() {
+                let data = std::fs::read(&p).unwrap();
+                let digest = boxlet_cas::Digest::of(boxlet_cas::Algorithm::Blake3, &data);
+                format!("file {owner} {} links {digest}", m.nlink())
+            } else {
+                let kind = if ft.is_char_device() {
+                    "char"
+                } else if ft.is_block_device() {
+                    "block"
+                } else {
+                    "fifo"
+                };
+                format!("{kind} {owner} {:x}", m.rdev())
             };
             out.insert(rel, what);
         }
     }
+    let mut out = std::collections::BTreeMap::new();
     walk(root, root, &mut out);
     out
 }
