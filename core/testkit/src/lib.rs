@@ -75,8 +75,7 @@ pub fn minbase_image() -> PathBuf {
 /// The reference trees (fixtures/rootfs/make-trees.sh): `busybox/`, `minbase/` (debootstrap
 /// --variant=minbase bookworm) and their layer tarballs.
 pub fn reference_trees() -> PathBuf {
-    let out = script_output("fixtures/rootfs/make-trees.sh", &[]);
-    out
+    script_output("fixtures/rootfs/make-trees.sh", &[])
 }
 
 /// The busybox test tree (fixtures/rootfs/busybox-box.sh).
