@@ -7,6 +7,8 @@
 //! - [`initramfs`]: the agent's initramfs for directory roots.
 //! - [`console`]: bounded console logs.
 //! - [`process`]: waiting for, stopping and classifying VMM processes.
+//! - [`rootfs`]: the `RootfsStrategy` trait, the strategies, and the versioned base-disk
+//!   cache.
 
 pub mod agent;
 pub mod console;
@@ -14,6 +16,7 @@ pub mod disk_store;
 pub mod hypervisor;
 pub mod initramfs;
 pub mod process;
+pub mod rootfs;
 pub mod vm;
 
 pub use agent::{AgentClient, AgentError, Connector, ExecEvent, ExecSession, Output};
@@ -23,4 +26,5 @@ pub use hypervisor::{
     Acceleration, Capabilities, DiskFormat, DiskSpec, Hypervisor, HypervisorError, ShareSpec, Vm,
     VmExit, VmSpec, VsockSpec,
 };
+pub use rootfs::{GuestRootfs, RootfsError, RootfsStrategy, Strategy};
 pub use vm::{boot, BootError, BootSpec, Root, RunningVm};

@@ -1,0 +1,111 @@
+//! Copying disk images without copying bytes where the file system allows: a reflink
+//! (`FICLONE`: the copy shares extents until either side writes), else a copy of the data
+//! segments only (`SEEK_DATA`/`SEEK_HOLE` + `copy_file_range`), so holes stay holes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::rootfs::RootfsError;
+
+/// How [`copy_file`] copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyMethod {
+    /// A reflink: no data was copied.
+    Reflink,
+    /// The data segments were copied; holes were kept.
+    Sparse,
+}
+
+/// Copy `src` to the new file `dst` (which must not exist), by reflink when possible.
+pub fn copy_file(src: &Path, dst: &Path) -> Result<CopyMethod, RootfsError> {
+    let from = File::open(src).map_err(RootfsError::io("opening", src))?;
+    let len = from
+        .metadata()
+        .map_err(RootfsError::io("reading", src))?
+        .len();
+    let to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dst)
+        .map_err(RootfsError::io("creating", dst))?;
+    let result = match rustix::fs::ioctl_ficlone(&to, &from) {
+        Ok(()) => Ok(CopyMethod::Reflink),
+        Err(_) => sparse_copy(&from, &to, len).map(|()| CopyMethod::Sparse),
+    };
+    match result {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            let _ = std::fs::remove_file(dst);
+            Err(RootfsError::io("copying to", dst)(e))
+        }
+    }
+}
+
+fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
+    to.set_len(len)?;
+    let mut pos = 0u64;
+    while pos < len {
+        // The next data segment; past the last one there is only a hole.
+        let start = match rustix::fs::seek(from, rustix::fs::SeekFrom::Data(pos))
+            .map_err(io::Error::from)
+        {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => break,
+            Err(e) => return Err(e),
+        };
+        let end = rustix::fs::seek(from, rustix::fs::SeekFrom::Hole(start))?.min(len);
+        let mut off_in = start;
+        let mut off_out = start;
+        while off_in < end {
+            let want = (end - off_in).min(1 << 30) as usize;
+            let n =
+                rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the source shrank while copied",
+                ));
+            }
+        }
+        pos = end;
+    }
+    to.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_sparse_file_is_copied_with_its_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.img");
+        let mut f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        f.seek(SeekFrom::Start(40 << 20)).unwrap();
+        f.write_all(b"tail of the data").unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+
+        let dst = dir.path().join("dst.img");
+        let method = copy_file(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        if method == CopyMethod::Sparse {
+            assert!(
+                blocks < 1 << 20,
+                "{blocks} bytes allocated for 16 KiB of data"
+            );
+        }
+        // The destination must be new.
+        let err = copy_file(&src, &dst).unwrap_err();
+        assert!(err.to_string().contains("dst.img"), "{err}");
+    }
+}

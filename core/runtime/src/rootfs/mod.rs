@@ -1,0 +1,106 @@
+//! Guest root filesystems: the `RootfsStrategy` trait, what a prepared rootfs is, and the
+//! strategies that prepare one.
+//!
+//! A strategy turns an image (and a box) into a [`GuestRootfs`]: a directory for
+//! virtio-fs, or a disk for virtio-blk. Its [`Strategy`] value is serializable, so a box's
+//! record says how its rootfs was made and how to clean it up.
+
+mod copy;
+mod direct;
+mod error;
+mod home;
+mod manager;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use copy::{copy_file, CopyMethod};
+pub use direct::DirectStrategy;
+pub use error::RootfsError;
+pub use home::{Home, RuntimeLock};
+pub use manager::{AgentBinary, GuestRootfsManager, GLOBAL_SOURCE};
+
+use crate::vm::Root;
+
+/// How a guest rootfs was made (and so how it is cleaned up).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Strategy {
+    /// A directory the user gave: used as is, never modified or removed by cleanup.
+    Direct,
+    /// The image's layers applied into a directory (a per-box view of a cached one).
+    Extracted {
+        /// The layers, bottom first (their digests).
+        layers: Vec<String>,
+    },
+    /// Layers as overlayfs lowers with a per-box upper and work directory.
+    OverlayMount {
+        /// Lower directories, topmost first (overlayfs order).
+        lower: Vec<PathBuf>,
+        /// The box's upper directory.
+        upper: PathBuf,
+        /// overlayfs's work directory.
+        work: PathBuf,
+    },
+    /// An ext4 disk: the versioned base (agent inside) under a per-box qcow2 overlay.
+    Disk {
+        /// The box's disk (a qcow2 overlay of the base).
+        disk_path: PathBuf,
+        /// The guest device it appears as, when known.
+        device_path: Option<String>,
+    },
+}
+
+/// A prepared guest rootfs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRootfs {
+    /// The directory or disk the guest boots from.
+    pub path: PathBuf,
+    /// How it was made.
+    pub strategy: Strategy,
+    /// A kernel the image brings, if any (boxlet's own otherwise).
+    pub kernel: Option<PathBuf>,
+    /// An initrd the image brings, if any.
+    pub initrd: Option<PathBuf>,
+    /// The image's environment (`KEY`, `VALUE`).
+    pub env: Vec<(String, String)>,
+}
+
+impl GuestRootfs {
+    /// How a VM boots from it: a disk as virtio-blk, a directory as virtio-fs.
+    pub fn root(&self) -> Root {
+        match &self.strategy {
+            Strategy::Disk { disk_path, .. } => Root::Disk {
+                path: disk_path.clone(),
+                read_only: false,
+            },
+            _ => Root::Dir {
+                path: self.path.clone(),
+            },
+        }
+    }
+}
+
+/// What to prepare a rootfs from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrepareRequest {
+    /// The image reference (strategies that take a directory ignore it).
+    pub image: Option<String>,
+    /// The box the rootfs is for.
+    pub box_id: boxlet_cas::BoxId,
+}
+
+/// A way to give a box its root filesystem.
+#[async_trait]
+pub trait RootfsStrategy: Send + Sync + std::fmt::Debug {
+    /// The strategy's name (`direct`, `extracted`, `overlay`, `disk`).
+    fn name(&self) -> &'static str;
+
+    /// Prepare a rootfs for the request.
+    async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError>;
+
+    /// Remove what `prepare` made for the box (what it shares with other boxes stays).
+    async fn cleanup(&self, rootfs: &GuestRootfs) -> Result<(), RootfsError>;
+}
