@@ -61,3 +61,9 @@ async fn a_directory_root_over_virtio_fs() {
     );
     kit::hang_guarded(LIMIT, kit::a_directory_root_over_virtio_fs(&hv)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a KVM that boots Linux: make test-nested"]
+async fn boxes_from_an_oci_image_boot_through_the_disk_and_direct_strategies() {
+    kit::hang_guarded(LIMIT, kit::rootfs_strategies_boot(&backend())).await;
+}

@@ -25,6 +25,11 @@ async fn a_directory_root_over_virtio_fs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boxes_from_an_oci_image_boot_through_the_disk_and_direct_strategies() {
+    kit::rootfs_strategies_boot(&Qemu::new().unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_kernel_panic_is_an_error_not_a_hang() {
     kit::a_guest_kernel_panic_is_an_error_not_a_hang(&Qemu::new().unwrap()).await;
 }

@@ -382,6 +382,88 @@ pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
     );
 }
 
+/// Boxes from an OCI image through the rootfs strategies: Disk (the busybox image's ext4
+/// with the agent injected into the versioned base, a qcow2 overlay per box, virtio-blk)
+/// and Direct (the image unpacked into a directory, virtio-fs). Each boots, runs, and is
+/// cleaned up with nothing of the box left.
+pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
+    use boxlet::rootfs::{AgentBinary, DirectStrategy, DiskStrategy, Home, PrepareRequest};
+    use boxlet::RootfsStrategy;
+
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home::new(dir.path().join("home"));
+    let store = std::sync::Arc::new(boxlet_cas::Store::open(home.root()).unwrap());
+    boxlet_oci::import_layout(&store, &busybox_image().join("layout"), Some("busybox:1")).unwrap();
+    let disk = DiskStrategy::new(
+        home.clone(),
+        store.clone(),
+        AgentBinary {
+            path: agent(),
+            build_hash: None,
+        },
+    )
+    .unwrap();
+    let id = boxlet_cas::BoxId::mint();
+    let req = PrepareRequest {
+        image: Some("busybox:1".into()),
+        box_id: id,
+    };
+    let rootfs = disk.prepare(&req).await.unwrap();
+    let base = boxlet_qcow2::read_backing_file_path(&rootfs.path)
+        .unwrap()
+        .unwrap();
+    // The base is a sparse 4 GiB file: compare its metadata, not its bytes.
+    let stamp = |p: &str| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.size(), m.blocks(), m.mtime(), m.mtime_nsec())
+    };
+    let base_stamp = stamp(&base);
+    let vm = boot(hv, spec(rootfs.root())).await.unwrap();
+    let o = vm
+        .agent()
+        .run(
+            sh("cat /etc/hostname; test -e /etc/motd || echo no-motd; echo kept > /root/note; cat /root/note"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        o.stdout,
+        b"boxlet\nno-motd\nkept\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        stamp(&base),
+        base_stamp,
+        "the box wrote into the shared base"
+    );
+    disk.cleanup(&rootfs).await.unwrap();
+    assert!(!home.box_dir(id).exists(), "the box's directory stayed");
+
+    let unpacked = dir.path().join("unpacked");
+    boxlet_oci::unpack(
+        &store,
+        "busybox:1",
+        &unpacked,
+        &boxlet_oci::ApplyOptions::default(),
+    )
+    .unwrap();
+    let direct = DirectStrategy::new(&unpacked);
+    let rootfs = direct.prepare(&req).await.unwrap();
+    let vm = boot(hv, spec(rootfs.root())).await.unwrap();
+    let o = vm.agent().run(sh("cat /etc/hostname"), None).await.unwrap();
+    assert_eq!(o.stdout, b"boxlet\n");
+    vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    direct.cleanup(&rootfs).await.unwrap();
+    assert!(
+        unpacked.join("etc/hostname").is_file(),
+        "Direct's cleanup touched the directory"
+    );
+}
+
 /// A guest whose kernel panics (no init) fails the boot with the panic line.
 pub async fn a_guest_kernel_panic_is_an_error_not_a_hang(hv: &dyn Hypervisor) {
     let dir = tempfile::tempdir().unwrap();

@@ -188,6 +188,16 @@ impl GuestRootfsManager {
     /// record it. When another runtime recorded one first, its base is returned and the
     /// staged file removed.
     pub fn install(&self, version_key: &str, staged: &Path) -> Result<PathBuf, RootfsError> {
+        self.install_as(BaseDiskKind::Rootfs, version_key, staged)
+    }
+
+    /// [`install`](Self::install) for a base disk of any kind, named `version_key`.
+    pub(crate) fn install_as(
+        &self,
+        kind: BaseDiskKind,
+        version_key: &str,
+        staged: &Path,
+    ) -> Result<PathBuf, RootfsError> {
         if let Some(path) = self.find(version_key)? {
             let _ = std::fs::remove_file(staged);
             return Ok(path);
@@ -205,7 +215,7 @@ impl GuestRootfsManager {
             id,
             source_box_id: GLOBAL_SOURCE.to_string(),
             name: Some(version_key.to_string()),
-            kind: BaseDiskKind::Rootfs,
+            kind,
             disk_info: DiskInfo {
                 base_path: target.display().to_string(),
                 container_disk_bytes: 0,
@@ -229,6 +239,32 @@ impl GuestRootfsManager {
                 Err(e.into())
             }
         }
+    }
+
+    /// Remove files in `bases/` that no record names (left by a crash between the rename
+    /// and the record). Returns how many went.
+    pub fn sweep_orphans(&self) -> Result<usize, RootfsError> {
+        let Ok(entries) = std::fs::read_dir(&self.bases_dir) else {
+            return Ok(0);
+        };
+        let known: HashSet<PathBuf> = [BaseDiskKind::Rootfs, BaseDiskKind::Image]
+            .into_iter()
+            .map(|k| self.store.list_by_source(GLOBAL_SOURCE, Some(k)))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .map(|d| PathBuf::from(d.disk_info.base_path))
+            .collect();
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !known.contains(&path) && entry.file_type().is_ok_and(|t| t.is_file()) {
+                std::fs::remove_file(&path).map_err(RootfsError::io("removing", &path))?;
+                tracing::info!(path = %path.display(), "removed a base disk no record names");
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Remove bases of other agent versions that no box's overlay names. Returns how many

@@ -7,6 +7,7 @@
 
 mod copy;
 mod direct;
+mod disk;
 mod error;
 mod home;
 mod manager;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use copy::{copy_file, CopyMethod};
 pub use direct::DirectStrategy;
+pub use disk::DiskStrategy;
 pub use error::RootfsError;
 pub use home::{Home, RuntimeLock};
 pub use manager::{AgentBinary, GuestRootfsManager, GLOBAL_SOURCE};
