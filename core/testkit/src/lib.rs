@@ -383,11 +383,14 @@ pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
 }
 
 /// Boxes from an OCI image through the rootfs strategies: Disk (the busybox image's ext4
-/// with the agent injected into the versioned base, a qcow2 overlay per box, virtio-blk)
-/// and Direct (the image unpacked into a directory, virtio-fs). Each boots, runs, and is
+/// with the agent injected into the versioned base, a qcow2 overlay per box, virtio-blk),
+/// Extracted (a per-box copy of the extracted image, virtio-fs) and Direct (the image
+/// unpacked into a directory of the user's, virtio-fs). Each boots, runs, and is
 /// cleaned up with nothing of the box left.
 pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
-    use boxlet::rootfs::{AgentBinary, DirectStrategy, DiskStrategy, Home, PrepareRequest};
+    use boxlet::rootfs::{
+        AgentBinary, DirectStrategy, DiskStrategy, ExtractedStrategy, Home, PrepareRequest,
+    };
     use boxlet::RootfsStrategy;
 
     let dir = tempfile::tempdir().unwrap();
@@ -443,6 +446,25 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
     disk.cleanup(&rootfs).await.unwrap();
     assert!(!home.box_dir(id).exists(), "the box's directory stayed");
 
+    // Extracted: the image's layers applied into a cached tree, a copy per box.
+    let extracted = ExtractedStrategy::new(home.clone(), store.clone()).unwrap();
+    let rootfs = extracted.prepare(&req).await.unwrap();
+    let vm = boot(hv, spec(rootfs.root())).await.unwrap();
+    let o = vm
+        .agent()
+        .run(sh("cat /etc/hostname; echo mine > /root/note"), None)
+        .await
+        .unwrap();
+    assert_eq!(o.stdout, b"boxlet\n");
+    vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        std::fs::read(rootfs.path.join("root/note")).unwrap(),
+        b"mine\n"
+    );
+    extracted.cleanup(&rootfs).await.unwrap();
+    assert!(!home.box_dir(id).exists(), "the box's directory stayed");
+
+    // Direct: a directory of the user's, booted as is and left alone.
     let unpacked = dir.path().join("unpacked");
     boxlet_oci::unpack(
         &store,

@@ -18,8 +18,18 @@ pub enum CopyMethod {
     Sparse,
 }
 
-/// Copy `src` to the new file `dst` (which must not exist), by reflink when possible.
+/// Copy `src` to the new file `dst` (which must not exist), by reflink when possible, and
+/// sync it.
 pub fn copy_file(src: &Path, dst: &Path) -> Result<CopyMethod, RootfsError> {
+    copy_file_with(src, dst, true)
+}
+
+/// [`copy_file`], syncing `dst` only when `sync` (a tree copy syncs once at its end).
+pub(crate) fn copy_file_with(
+    src: &Path,
+    dst: &Path,
+    sync: bool,
+) -> Result<CopyMethod, RootfsError> {
     let from = File::open(src).map_err(RootfsError::io("opening", src))?;
     let len = from
         .metadata()
@@ -34,7 +44,14 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<CopyMethod, RootfsError> {
     let result = match rustix::fs::ioctl_ficlone(&to, &from) {
         Ok(()) => Ok(CopyMethod::Reflink),
         Err(_) => sparse_copy(&from, &to, len).map(|()| CopyMethod::Sparse),
-    };
+    }
+    .and_then(|m| {
+        if sync {
+            to.sync_all().map(|()| m)
+        } else {
+            Ok(m)
+        }
+    });
     match result {
         Ok(m) => Ok(m),
         Err(e) => {
@@ -72,7 +89,7 @@ fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
         }
         pos = end;
     }
-    to.sync_all()
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,7 +20,10 @@ use boxlet_oci::StoredImage;
 
 use crate::disk_store::DiskStore;
 use crate::rootfs::manager::{AgentBinary, GuestRootfsManager};
-use crate::rootfs::{GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy};
+use crate::rootfs::{
+    GuestRootfs, Home, PrepareHook, PrepareRequest, PrepareStep, RootfsError, RootfsStrategy,
+    Strategy,
+};
 
 /// The Disk strategy (see the module documentation).
 #[derive(Debug)]
@@ -59,9 +62,20 @@ impl DiskStrategy {
     /// Boxes of `home` from images in `store` (the home's own store), with `agent` injected.
     /// Sweeps base files a crash left without a record.
     pub fn new(home: Home, store: Arc<Store>, agent: AgentBinary) -> Result<Self, RootfsError> {
+        Self::with_hook(home, store, agent, PrepareHook::default())
+    }
+
+    /// [`new`](Self::new) with a fault hook at every step of a prepare (crash drills).
+    pub fn with_hook(
+        home: Home,
+        store: Arc<Store>,
+        agent: AgentBinary,
+        hook: PrepareHook,
+    ) -> Result<Self, RootfsError> {
         home.prepare()?;
         let records: Arc<dyn DiskStore> = store.clone();
-        let manager = GuestRootfsManager::new(records, home.bases(), home.tmp(), agent);
+        let manager =
+            GuestRootfsManager::new(records, home.bases(), home.tmp(), agent).with_hook(hook);
         manager.sweep_orphans()?;
         Ok(DiskStrategy {
             inner: Arc::new(Inner {
@@ -148,6 +162,7 @@ impl Inner {
                 source,
             },
         )?;
+        self.manager.hook().check(PrepareStep::ImageBuilt)?;
         self.manager.install_as(BaseDiskKind::Image, &name, &staged)
     }
 }
@@ -215,6 +230,10 @@ impl RootfsStrategy for DiskStrategy {
         };
         let overlay = self.inner.home.box_disk(req.box_id);
         create_overlay(&overlay, &base)?;
+        self.inner
+            .manager
+            .hook()
+            .check(PrepareStep::OverlayCreated)?;
         Ok(GuestRootfs {
             path: overlay.clone(),
             strategy: Strategy::Disk {

@@ -73,6 +73,9 @@ pub enum RootfsError {
     /// The image could not be read or applied.
     #[error(transparent)]
     Oci(#[from] boxlet_oci::OciError),
+    /// An injected fault (tests and crash drills only).
+    #[error("injected fault at {0:?}")]
+    Fault(crate::rootfs::PrepareStep),
 }
 
 impl RootfsError {

@@ -23,7 +23,7 @@ use sha2::Digest as _;
 
 use crate::disk_store::{DiskStore, DiskStoreError};
 use crate::rootfs::copy::copy_file;
-use crate::rootfs::RootfsError;
+use crate::rootfs::{PrepareHook, PrepareStep, RootfsError};
 
 /// The source of shared (not per-box) base disks.
 pub const GLOBAL_SOURCE: &str = "__global__";
@@ -58,6 +58,7 @@ pub struct GuestRootfsManager {
     temp_dir: PathBuf,
     agent: AgentBinary,
     agent_hash: OnceLock<Result<String, String>>,
+    hook: PrepareHook,
 }
 
 fn sha256_file(path: &Path) -> Result<String, RootfsError> {
@@ -89,7 +90,18 @@ impl GuestRootfsManager {
             temp_dir: temp_dir.into(),
             agent,
             agent_hash: OnceLock::new(),
+            hook: PrepareHook::default(),
         }
+    }
+
+    /// With a fault hook at every step of a prepare (tests and crash drills).
+    pub fn with_hook(mut self, hook: PrepareHook) -> Self {
+        self.hook = hook;
+        self
+    }
+
+    pub(crate) fn hook(&self) -> &PrepareHook {
+        &self.hook
     }
 
     /// `{digest[..12]}-{agent[..12]}`, with a `sha256:` prefix stripped.
@@ -181,6 +193,7 @@ impl GuestRootfsManager {
             .and_then(|f| f.sync_all())
             .map_err(RootfsError::io("syncing", &staged))?;
         tracing::debug!(?method, version_key = actual, "staged a guest rootfs");
+        self.hook.check(PrepareStep::BaseStaged)?;
         self.install(&actual, &staged)
     }
 
@@ -210,6 +223,12 @@ impl GuestRootfsManager {
         if let Ok(dir) = std::fs::File::open(&self.bases_dir) {
             let _ = dir.sync_all();
         }
+        let image = kind == BaseDiskKind::Image;
+        self.hook.check(if image {
+            PrepareStep::ImageInstalled
+        } else {
+            PrepareStep::BaseInstalled
+        })?;
         let size_bytes = std::fs::metadata(&target).map_or(0, |m| m.len());
         let record = BaseDisk {
             id,
@@ -225,7 +244,14 @@ impl GuestRootfsManager {
             blob: None,
         };
         match self.store.insert(&record) {
-            Ok(()) => Ok(target),
+            Ok(()) => {
+                self.hook.check(if image {
+                    PrepareStep::ImageRecorded
+                } else {
+                    PrepareStep::BaseRecorded
+                })?;
+                Ok(target)
+            }
             Err(DiskStoreError::Conflict(what)) => {
                 tracing::info!(version_key, %what, "another runtime installed this base first");
                 let _ = std::fs::remove_file(&target);

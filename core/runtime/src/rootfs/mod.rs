@@ -9,8 +9,11 @@ mod copy;
 mod direct;
 mod disk;
 mod error;
+mod extracted;
+mod fault;
 mod home;
 mod manager;
+mod tree_copy;
 
 use std::path::PathBuf;
 
@@ -21,8 +24,11 @@ pub use copy::{copy_file, CopyMethod};
 pub use direct::DirectStrategy;
 pub use disk::DiskStrategy;
 pub use error::RootfsError;
+pub use extracted::ExtractedStrategy;
+pub use fault::{PrepareHook, PrepareStep};
 pub use home::{Home, RuntimeLock};
 pub use manager::{AgentBinary, GuestRootfsManager, GLOBAL_SOURCE};
+pub use tree_copy::{copy_tree, TreeCopy};
 
 use crate::vm::Root;
 

@@ -1,0 +1,193 @@
+//! Extracted: the image's layers applied (securely, by the OCI layer code) into one
+//! directory, cached per image manifest under `images/<hex>/rootfs`; each box gets its
+//! own copy of it (reflinks where the file system has them, else a copy of the data),
+//! booted over virtio-fs.
+//!
+//! The cache is staged in `tmp/` and renamed into `images/` whole: a directory there is
+//! complete, and a crash leaves only staging, which the store sweeps at open.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use boxlet_cas::Store;
+use boxlet_oci::{ApplyOptions, DevicePolicy, StoredImage};
+
+use crate::rootfs::disk::image_env;
+use crate::rootfs::tree_copy::{copy_tree, TreeCopy};
+use crate::rootfs::{GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy};
+
+/// The Extracted strategy (see the module documentation).
+#[derive(Debug)]
+pub struct ExtractedStrategy {
+    inner: Arc<Inner>,
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    home: Home,
+    store: Arc<Store>,
+    extractions: AtomicUsize,
+    last_copy: Mutex<TreeCopy>,
+}
+
+impl ExtractedStrategy {
+    /// Boxes of `home` from images in `store`.
+    pub fn new(home: Home, store: Arc<Store>) -> Result<Self, RootfsError> {
+        home.prepare()?;
+        Ok(ExtractedStrategy {
+            inner: Arc::new(Inner {
+                home,
+                store,
+                extractions: AtomicUsize::new(0),
+                last_copy: Mutex::default(),
+            }),
+            flights: Mutex::default(),
+        })
+    }
+
+    /// How many images this strategy has extracted (cache misses).
+    pub fn extractions(&self) -> usize {
+        self.inner.extractions.load(Ordering::Relaxed)
+    }
+
+    /// What the last per-box copy did (reflinked or copied files).
+    pub fn last_copy(&self) -> TreeCopy {
+        self.inner
+            .last_copy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The cached tree of an image (extracting it when missing).
+    pub async fn cached_tree(&self, image: &StoredImage) -> Result<PathBuf, RootfsError> {
+        let hex = image.record.manifest.hex();
+        let flight = {
+            let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+            flights.entry(hex.clone()).or_default().clone()
+        };
+        let _once = flight.lock().await;
+        let inner = self.inner.clone();
+        let reference = image.record.reference.clone();
+        tokio::task::spawn_blocking(move || inner.ensure_cached(&reference, &hex))
+            .await
+            .map_err(|e| RootfsError::Invalid {
+                what: image.record.reference.clone(),
+                reason: format!("extracting it failed: {e}"),
+            })?
+    }
+}
+
+impl Inner {
+    fn ensure_cached(&self, reference: &str, hex: &str) -> Result<PathBuf, RootfsError> {
+        let dir = self.home.images().join(hex);
+        let tree = dir.join("rootfs");
+        if tree.is_dir() {
+            return Ok(tree);
+        }
+        let stage = tempfile::Builder::new()
+            .prefix("extract-")
+            .tempdir_in(self.home.tmp())
+            .map_err(RootfsError::io("staging in", self.home.tmp()))?;
+        let staged = stage.path().join("rootfs");
+        let opts = ApplyOptions {
+            devices: if rustix::process::geteuid().is_root() {
+                DevicePolicy::Create
+            } else {
+                DevicePolicy::Skip
+            },
+            ..ApplyOptions::default()
+        };
+        boxlet_oci::unpack(&self.store, reference, &staged, &opts)?;
+        self.extractions.fetch_add(1, Ordering::Relaxed);
+        let done = stage.keep();
+        match std::fs::rename(&done, &dir) {
+            Ok(()) => {}
+            // Another runtime's extraction won: use it, drop ours.
+            Err(_) if tree.is_dir() => {
+                let _ = std::fs::remove_dir_all(&done);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&done);
+                return Err(RootfsError::io("installing", &dir)(e));
+            }
+        }
+        if let Ok(images) = std::fs::File::open(self.home.images()) {
+            let _ = images.sync_all();
+        }
+        Ok(tree)
+    }
+}
+
+/// The box's directory of a rootfs path `boxes/<id>/rootfs`, checked to be one.
+pub(crate) fn box_dir_of<'a>(home: &Home, path: &'a Path) -> Result<&'a Path, RootfsError> {
+    match path.parent() {
+        Some(dir) if dir.parent() == Some(home.boxes().as_path()) => Ok(dir),
+        _ => Err(RootfsError::Invalid {
+            what: path.display().to_string(),
+            reason: format!("not a box's rootfs under {}", home.boxes().display()),
+        }),
+    }
+}
+
+#[async_trait]
+impl RootfsStrategy for ExtractedStrategy {
+    fn name(&self) -> &'static str {
+        "extracted"
+    }
+
+    async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError> {
+        let reference = req.image.as_deref().ok_or_else(|| RootfsError::Invalid {
+            what: format!("box {}", req.box_id),
+            reason: "the Extracted strategy needs an image".into(),
+        })?;
+        let image = StoredImage::open(&self.inner.store, reference)?;
+        let tree = self.cached_tree(&image).await?;
+        let box_dir = self.inner.home.box_dir(req.box_id);
+        let rootfs = box_dir.join("rootfs");
+        let inner = self.inner.clone();
+        let (from, to) = (tree.clone(), rootfs.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), RootfsError> {
+            std::fs::create_dir_all(&box_dir).map_err(RootfsError::io("creating", &box_dir))?;
+            let stats = copy_tree(&from, &to)?;
+            *inner
+                .last_copy
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = stats;
+            Ok(())
+        })
+        .await
+        .map_err(|e| RootfsError::Invalid {
+            what: reference.to_string(),
+            reason: format!("copying its tree failed: {e}"),
+        })??;
+        Ok(GuestRootfs {
+            path: rootfs,
+            strategy: Strategy::Extracted {
+                layers: image.layers.iter().map(|l| l.digest.to_string()).collect(),
+            },
+            kernel: None,
+            initrd: None,
+            env: image_env(&image),
+        })
+    }
+
+    async fn cleanup(&self, rootfs: &GuestRootfs) -> Result<(), RootfsError> {
+        let dir = box_dir_of(&self.inner.home, &rootfs.path)?.to_path_buf();
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(RootfsError::io("removing", &dir)(e))
+            }
+            _ => Ok(()),
+        })
+        .await
+        .map_err(|e| RootfsError::Invalid {
+            what: rootfs.path.display().to_string(),
+            reason: format!("removing it failed: {e}"),
+        })?
+    }
+}
