@@ -64,6 +64,6 @@ async fn a_directory_root_over_virtio_fs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a KVM that boots Linux: make test-nested"]
-async fn boxes_from_an_oci_image_boot_through_the_disk_extracted_and_direct_strategies() {
+async fn boxes_from_an_oci_image_boot_through_every_rootfs_strategy() {
     kit::hang_guarded(LIMIT, kit::rootfs_strategies_boot(&backend())).await;
 }

@@ -25,7 +25,7 @@ async fn a_directory_root_over_virtio_fs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn boxes_from_an_oci_image_boot_through_the_disk_extracted_and_direct_strategies() {
+async fn boxes_from_an_oci_image_boot_through_every_rootfs_strategy() {
     kit::rootfs_strategies_boot(&Qemu::new().unwrap()).await;
 }
 

@@ -252,6 +252,7 @@ pub fn unpack(args: UnpackArgs) -> Result<ExitCode> {
             Devices::Refuse => DevicePolicy::Refuse,
         },
         owners: !args.no_owners && ApplyOptions::default().owners,
+        ..ApplyOptions::default()
     };
     let r = boxlet_oci::unpack(&store, &args.reference, Path::new(&args.dir), &opts)?;
     println!(

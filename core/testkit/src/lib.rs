@@ -384,12 +384,14 @@ pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
 
 /// Boxes from an OCI image through the rootfs strategies: Disk (the busybox image's ext4
 /// with the agent injected into the versioned base, a qcow2 overlay per box, virtio-blk),
-/// Extracted (a per-box copy of the extracted image, virtio-fs) and Direct (the image
-/// unpacked into a directory of the user's, virtio-fs). Each boots, runs, and is
+/// Extracted (a per-box copy of the extracted image, virtio-fs), OverlayMount (the layers
+/// as overlayfs lowers under a per-box upper, virtio-fs) and Direct (the image unpacked
+/// into a directory of the user's, virtio-fs). Each boots, runs, and is
 /// cleaned up with nothing of the box left.
 pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
     use boxlet::rootfs::{
-        AgentBinary, DirectStrategy, DiskStrategy, ExtractedStrategy, Home, PrepareRequest,
+        AgentBinary, DirectStrategy, DiskStrategy, ExtractedStrategy, Home, OverlayStrategy,
+        PrepareRequest,
     };
     use boxlet::RootfsStrategy;
 
@@ -462,6 +464,32 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
         b"mine\n"
     );
     extracted.cleanup(&rootfs).await.unwrap();
+    assert!(!home.box_dir(id).exists(), "the box's directory stayed");
+
+    // OverlayMount: the layers as overlayfs lowers under the box's upper (needs root).
+    let overlay = OverlayStrategy::new(home.clone(), store.clone(), false).unwrap();
+    let rootfs = overlay.prepare(&req).await.unwrap();
+    let vm = boot(hv, spec(rootfs.root())).await.unwrap();
+    let o = vm
+        .agent()
+        .run(
+            sh("cat /etc/hostname; test -e /etc/motd || echo no-motd; echo up > /root/note"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        o.stdout,
+        b"boxlet\nno-motd\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        std::fs::read(home.box_dir(id).join("upper/root/note")).unwrap(),
+        b"up\n"
+    );
+    overlay.cleanup(&rootfs).await.unwrap();
     assert!(!home.box_dir(id).exists(), "the box's directory stayed");
 
     // Direct: a directory of the user's, booted as is and left alone.

@@ -36,6 +36,17 @@ pub enum DevicePolicy {
     Refuse,
 }
 
+/// How whiteouts are applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Whiteouts {
+    /// Delete what they name: one directory holds the whole image.
+    #[default]
+    Apply,
+    /// Keep them the way overlayfs reads a lower layer: a 0/0 character device per
+    /// whiteout, `trusted.overlay.opaque=y` on an opaque directory (needs root).
+    Overlay,
+}
+
 /// How to apply layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ApplyOptions {
@@ -44,6 +55,8 @@ pub struct ApplyOptions {
     /// Give entries their owners from the layer (needs CAP_CHOWN); otherwise the
     /// applier owns everything, and set-id bits are dropped.
     pub owners: bool,
+    /// Whiteouts and opaque directories.
+    pub whiteouts: Whiteouts,
 }
 
 impl Default for ApplyOptions {
@@ -52,6 +65,7 @@ impl Default for ApplyOptions {
         ApplyOptions {
             devices: DevicePolicy::Skip,
             owners: rustix::process::geteuid().is_root(),
+            whiteouts: Whiteouts::Apply,
         }
     }
 }
@@ -196,6 +210,14 @@ impl Applier {
             ensure_dir(&self.root, parents).map_err(io_err("opening the parent directory"))?;
         let rel = comps.join(&b'/');
 
+        if name == OPAQUE && self.opts.whiteouts == Whiteouts::Overlay {
+            let dir = open_dir_rw(&self.root, &parents.join(&b'/'))
+                .map_err(io_err("opening the opaque directory"))?;
+            rustix::fs::fsetxattr(&dir, "trusted.overlay.opaque", b"y", XattrFlags::empty())
+                .map_err(|e| io_err("marking the directory opaque")(e.into()))?;
+            self.report.whiteouts += 1;
+            return Ok(());
+        }
         if name == OPAQUE {
             let dir_rel = parents.join(&b'/');
             let dir = open_dir_rw(&self.root, &dir_rel)
@@ -218,6 +240,16 @@ impl Applier {
                 return Err(refuse("the whiteout names no file of its directory"));
             }
             remove_all_at(&parent, hidden).map_err(io_err("applying the whiteout"))?;
+            if self.opts.whiteouts == Whiteouts::Overlay {
+                mknodat(
+                    &parent,
+                    OsStr::from_bytes(hidden),
+                    FileType::CharacterDevice,
+                    Mode::empty(),
+                    rustix::fs::makedev(0, 0),
+                )
+                .map_err(|e| io_err("recording the whiteout")(e.into()))?;
+            }
             self.report.whiteouts += 1;
             return Ok(());
         }

@@ -425,6 +425,7 @@ fn device_nodes_follow_the_policy() {
         &ApplyOptions {
             devices: DevicePolicy::Skip,
             owners: false,
+            ..ApplyOptions::default()
         },
     )
     .unwrap();
@@ -436,6 +437,7 @@ fn device_nodes_follow_the_policy() {
         &ApplyOptions {
             devices: DevicePolicy::Refuse,
             owners: false,
+            ..ApplyOptions::default()
         },
     )
     .unwrap_err();
@@ -450,6 +452,7 @@ fn device_nodes_follow_the_policy() {
             &ApplyOptions {
                 devices: DevicePolicy::Create,
                 owners: true,
+                ..ApplyOptions::default()
             },
         )
         .unwrap();

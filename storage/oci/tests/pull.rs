@@ -259,6 +259,7 @@ async fn a_pulled_distribution_unpacks_to_the_tree_it_was_built_from() {
     let opts = ApplyOptions {
         devices: boxlet_oci::DevicePolicy::Create,
         owners: true,
+        ..ApplyOptions::default()
     };
     let report = unpack(&store, &reference, &root, &opts).unwrap();
     assert!(report.files > 3000, "{report:?}");

@@ -13,6 +13,7 @@ mod extracted;
 mod fault;
 mod home;
 mod manager;
+mod overlay;
 mod tree_copy;
 
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ pub use extracted::ExtractedStrategy;
 pub use fault::{PrepareHook, PrepareStep};
 pub use home::{Home, RuntimeLock};
 pub use manager::{AgentBinary, GuestRootfsManager, GLOBAL_SOURCE};
+pub use overlay::OverlayStrategy;
 pub use tree_copy::{copy_tree, TreeCopy};
 
 use crate::vm::Root;

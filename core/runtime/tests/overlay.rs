@@ -1,0 +1,99 @@
+//! The OverlayMount strategy on the host (needs root: it mounts overlayfs).
+
+use std::sync::Arc;
+
+use boxlet::rootfs::{Home, OverlayStrategy, PrepareRequest, Strategy};
+use boxlet::RootfsStrategy;
+use boxlet_cas::{BoxId, Store};
+
+fn setup() -> (tempfile::TempDir, Home, Arc<Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home::new(dir.path().join("home"));
+    let store = Arc::new(Store::open(home.root()).unwrap());
+    boxlet_oci::import_layout(
+        &store,
+        &boxlet_testkit::busybox_image().join("layout"),
+        Some("busybox:1"),
+    )
+    .unwrap();
+    (dir, home, store)
+}
+
+fn mounted(path: &std::path::Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = std::fs::canonicalize(path).unwrap_or(path.to_path_buf());
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
+}
+
+fn req(id: BoxId) -> PrepareRequest {
+    PrepareRequest {
+        image: Some("busybox:1".into()),
+        box_id: id,
+    }
+}
+
+#[tokio::test]
+async fn layers_are_extracted_once_and_mounted_under_a_per_box_upper() {
+    let (_dir, home, store) = setup();
+    let overlay = OverlayStrategy::new(home.clone(), store, false).unwrap();
+    let (a, b) = (BoxId::mint(), BoxId::mint());
+    let ra = overlay.prepare(&req(a)).await.unwrap();
+    let rb = overlay.prepare(&req(b)).await.unwrap();
+    assert_eq!(
+        overlay.extractions(),
+        2,
+        "two layers, extracted once for both boxes"
+    );
+    assert!(mounted(&ra.path) && mounted(&rb.path));
+    let Strategy::OverlayMount { lower, upper, .. } = &ra.strategy else {
+        panic!("{:?}", ra.strategy)
+    };
+    assert_eq!(lower.len(), 2);
+    assert!(matches!(ra.root(), boxlet::Root::Dir { .. }));
+
+    assert_eq!(
+        std::fs::read(ra.path.join("etc/hostname")).unwrap(),
+        b"boxlet\n"
+    );
+    assert!(
+        !ra.path.join("etc/motd").exists(),
+        "the whiteout of the top layer hides it"
+    );
+    assert!(ra.path.join("bin/busybox").is_file());
+    std::fs::write(ra.path.join("etc/hostname"), b"a\n").unwrap();
+    assert_eq!(
+        std::fs::read(upper.join("etc/hostname")).unwrap(),
+        b"a\n",
+        "writes go to the box's upper"
+    );
+    assert_eq!(
+        std::fs::read(rb.path.join("etc/hostname")).unwrap(),
+        b"boxlet\n"
+    );
+    assert_eq!(
+        std::fs::read(lower[0].join("etc/hostname")).unwrap(),
+        b"boxlet\n",
+        "a layer changed"
+    );
+
+    overlay.cleanup(&ra).await.unwrap();
+    assert!(!mounted(&ra.path));
+    assert!(!home.box_dir(a).exists());
+    assert!(mounted(&rb.path));
+    overlay.cleanup(&rb).await.unwrap();
+    assert!(std::fs::read_dir(home.boxes()).unwrap().next().is_none());
+}
+
+#[tokio::test]
+async fn mounts_left_by_a_crashed_runtime_are_unmounted_at_the_next_start() {
+    let (_dir, home, store) = setup();
+    let first = OverlayStrategy::new(home.clone(), store.clone(), false).unwrap();
+    let r = first.prepare(&req(BoxId::mint())).await.unwrap();
+    assert!(mounted(&r.path));
+    // The runtime "crashes": nothing cleans up. The next one finds and unmounts it.
+    std::mem::forget(first);
+    let _second = OverlayStrategy::new(home.clone(), store, false).unwrap();
+    assert!(!mounted(&r.path), "a box rootfs stayed mounted");
+    assert!(r.path.is_dir(), "unmounting removes nothing");
+}
