@@ -1,6 +1,7 @@
 //! `boxlet`: run untrusted code in microVMs, and inspect the disk formats behind them.
 
 mod agent;
+mod bench;
 mod ext4;
 mod image;
 mod kernel;
@@ -35,6 +36,9 @@ enum Command {
     /// Boot VMs and run commands in them.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Benchmarks: the rootfs strategies against each other.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Pull an image from a registry into the store.
     Pull(image::PullArgs),
     /// Import an OCI image layout directory or a `docker save` archive into the store.
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Vm(cmd) => vm::run(cmd),
         Command::Store(cmd) => store::run(cmd),
         Command::Pull(args) => image::pull(args),
+        Command::Bench(cmd) => bench::run(cmd),
         Command::Import(args) => image::import(args),
         Command::Images(args) => image::images(args),
         Command::Rmi(args) => image::rmi(args),

@@ -120,7 +120,7 @@ pub fn run(cmd: VmCommand) -> Result<ExitCode> {
 
 /// The backend to use. `auto` takes boxlet's own VMM when this host's KVM passes the
 /// probe (and, for a VM with a directory share, `virtiofsd` is installed), else QEMU.
-fn backend(b: Backend, shares: bool) -> Result<Box<dyn Hypervisor>> {
+pub(crate) fn backend(b: Backend, shares: bool) -> Result<Box<dyn Hypervisor>> {
     match b {
         Backend::Qemu => Ok(Box::new(boxlet_qemu::Qemu::new()?)),
         Backend::Kvm => Ok(Box::new(boxlet_kvm::KvmBackend::new()?)),

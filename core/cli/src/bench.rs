@@ -1,0 +1,331 @@
+//! `boxlet bench strategies`: the four rootfs strategies against each other on the same
+//! images: cold and warm prepare, what a box costs, boot to ready, and an in-guest
+//! workload, as a table and as JSON.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use boxlet::rootfs::{
+    AgentBinary, DirectStrategy, DiskStrategy, ExtractedStrategy, GuestRootfs, Home,
+    OverlayStrategy, PrepareRequest,
+};
+use boxlet::{boot, BootSpec, Exec, Root, RootfsStrategy};
+use boxlet_cas::{Algorithm, BoxId, Store};
+use clap::{Args, Subcommand};
+
+use crate::vm::Backend;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The rootfs strategies against each other (images from the store).
+    Strategies(StrategiesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StrategiesArgs {
+    /// An image in the store; repeat for several (default: every image in the store).
+    #[arg(long = "image")]
+    images: Vec<String>,
+    /// Warm prepares to take the median of.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// The VMM backend for the boots.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+    /// Prepare only: no boots, no workload.
+    #[arg(long)]
+    no_boot: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One strategy on one image.
+#[derive(Debug, Default, serde::Serialize)]
+struct Row {
+    image: String,
+    strategy: &'static str,
+    cold_prepare_ms: f64,
+    warm_prepare_ms: f64,
+    box_bytes: u64,
+    ready_ms: Option<f64>,
+    read_usr_ms: Option<f64>,
+    write_fsync_100m_ms: Option<f64>,
+    find_ms: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Bytes allocated under `path` (files, recursively; nothing across mounts).
+fn allocated(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.dev() == meta.dev()) {
+                    total += allocated(&p);
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Copy `reference`'s blobs and record from `from` into the store `to`.
+fn copy_image(from: &Store, to: &Store, reference: &str) -> Result<String> {
+    let image = boxlet_oci::StoredImage::open(from, reference)?;
+    let lease = to.lease();
+    for d in image.record.blobs() {
+        let mut f = from.open_blob(d)?;
+        to.ingest(&mut f, Algorithm::Sha256, None, &lease)?;
+    }
+    to.put_image(&image.record)?;
+    Ok(image.record.reference)
+}
+
+const WORKLOAD: [(&str, &str); 3] = [
+    ("read /usr", "find /usr -type f -exec cat {} + > /dev/null"),
+    ("write+fsync 100M", "dd if=/dev/zero of=/root/boxlet-bench bs=1M count=100 conv=fsync 2>/dev/null; rm -f /root/boxlet-bench"),
+    ("find /", "find / -xdev > /dev/null"),
+];
+
+struct Ctx {
+    hv: Box<dyn boxlet::Hypervisor>,
+    kernel: PathBuf,
+    agent: PathBuf,
+}
+
+/// Boot the rootfs, time ready and the workload.
+async fn boot_and_work(ctx: &Ctx, rootfs: &GuestRootfs, row: &mut Row) -> Result<()> {
+    let root = rootfs.root();
+    let mut spec = BootSpec::new("bench", &ctx.kernel, root.clone());
+    if matches!(root, Root::Dir { .. }) {
+        spec.agent = Some(ctx.agent.clone());
+    }
+    spec.ready_timeout = Duration::from_secs(120);
+    let t = Instant::now();
+    let vm = boot(ctx.hv.as_ref(), spec).await.context("booting")?;
+    row.ready_ms = Some(ms(t.elapsed()));
+    let mut times = Vec::new();
+    for (what, script) in WORKLOAD {
+        let exec = Exec {
+            args: vec!["sh".into(), "-c".into(), script.into()],
+            ..Exec::default()
+        };
+        let t = Instant::now();
+        let out = vm
+            .agent()
+            .run(exec, None)
+            .await
+            .with_context(|| format!("running {what}"))?;
+        times.push(ms(t.elapsed()));
+        if out.status.shell_code() != 0 {
+            eprintln!(
+                "boxlet bench: {what} failed in the guest: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    row.read_usr_ms = Some(times[0]);
+    row.write_fsync_100m_ms = Some(times[1]);
+    row.find_ms = Some(times[2]);
+    vm.shutdown(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+async fn measure(
+    name: &'static str,
+    make: &dyn Fn(&Home, Arc<Store>) -> Result<Box<dyn RootfsStrategy>>,
+    source: &Store,
+    reference: &str,
+    runs: usize,
+    ctx: Option<&Ctx>,
+) -> Result<Row> {
+    let dir = tempfile::tempdir_in(source.root().join("tmp")).context("a scratch home")?;
+    let home = Home::new(dir.path().join("home"));
+    let store = Arc::new(Store::open(home.root())?);
+    let reference = copy_image(source, &store, reference)?;
+    let strategy = make(&home, store.clone())?;
+    let req = |id| PrepareRequest {
+        image: Some(reference.clone()),
+        box_id: id,
+    };
+    let mut row = Row {
+        image: reference.clone(),
+        strategy: name,
+        ..Row::default()
+    };
+    let first = BoxId::mint();
+    let t = Instant::now();
+    let rootfs = strategy.prepare(&req(first)).await?;
+    row.cold_prepare_ms = ms(t.elapsed());
+    let mut warm = Vec::new();
+    let mut boxes = Vec::new();
+    for _ in 0..runs.max(1) {
+        let id = BoxId::mint();
+        let t = Instant::now();
+        let r = strategy.prepare(&req(id)).await?;
+        warm.push(ms(t.elapsed()));
+        boxes.push((id, r));
+    }
+    row.warm_prepare_ms = median(warm);
+    row.box_bytes = match &rootfs.strategy {
+        boxlet::Strategy::Direct => 0,
+        _ => allocated(&home.box_dir(boxes[0].0)),
+    };
+    if let Some(ctx) = ctx {
+        boot_and_work(ctx, &rootfs, &mut row).await?;
+    }
+    for (_, r) in boxes {
+        strategy.cleanup(&r).await?;
+    }
+    strategy.cleanup(&rootfs).await?;
+    Ok(row)
+}
+
+pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
+    let BenchCommand::Strategies(args) = cmd;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(strategies(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn strategies(a: StrategiesArgs) -> Result<()> {
+    let source = crate::store::open()?;
+    let images = if a.images.is_empty() {
+        source.images()?.into_iter().map(|i| i.reference).collect()
+    } else {
+        a.images.clone()
+    };
+    anyhow::ensure!(
+        !images.is_empty(),
+        "no images in the store: `boxlet import` or `boxlet pull` one"
+    );
+    let agent = crate::agent::find()?;
+    let ctx = if a.no_boot {
+        None
+    } else {
+        Some(Ctx {
+            hv: crate::vm::backend(a.backend, true)?,
+            kernel: crate::kernel::resolve(None)?,
+            agent: agent.clone(),
+        })
+    };
+    let accel = ctx
+        .as_ref()
+        .map(|c| c.hv.capabilities().acceleration.to_string());
+    let mut rows = Vec::new();
+    for image in &images {
+        let direct_dir = tempfile::tempdir_in(source.root().join("tmp"))?;
+        boxlet_oci::unpack(
+            &source,
+            image,
+            direct_dir.path(),
+            &boxlet_oci::ApplyOptions::default(),
+        )?;
+        let agent2 = agent.clone();
+        let dd = direct_dir.path().to_path_buf();
+        let makers: Vec<(
+            &'static str,
+            Box<dyn Fn(&Home, Arc<Store>) -> Result<Box<dyn RootfsStrategy>>>,
+        )> = vec![
+            (
+                "direct",
+                Box::new(move |_, _| {
+                    Ok(Box::new(DirectStrategy::new(&dd)) as Box<dyn RootfsStrategy>)
+                }),
+            ),
+            (
+                "extracted",
+                Box::new(|h, s| {
+                    Ok(Box::new(ExtractedStrategy::new(h.clone(), s)?) as Box<dyn RootfsStrategy>)
+                }),
+            ),
+            (
+                "overlay",
+                Box::new(|h, s| {
+                    Ok(Box::new(OverlayStrategy::new(h.clone(), s, false)?)
+                        as Box<dyn RootfsStrategy>)
+                }),
+            ),
+            (
+                "disk",
+                Box::new(move |h, s| {
+                    let agent = AgentBinary::new(agent2.clone());
+                    Ok(Box::new(DiskStrategy::new(h.clone(), s, agent)?)
+                        as Box<dyn RootfsStrategy>)
+                }),
+            ),
+        ];
+        for (name, make) in &makers {
+            let row = measure(name, make.as_ref(), &source, image, a.runs, ctx.as_ref())
+                .await
+                .with_context(|| format!("{name} on {image}"))?;
+            if !a.json {
+                eprintln!("boxlet bench: {image} {name} done");
+            }
+            rows.push(row);
+        }
+    }
+    if a.json {
+        let doc = serde_json::json!({
+            "backend": ctx.as_ref().map(|c| c.hv.name()),
+            "acceleration": accel,
+            "rows": rows,
+        });
+        println!("{doc:#}");
+        return Ok(());
+    }
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    println!(
+        "backend: {}, acceleration: {}",
+        ctx.as_ref()
+            .map_or("none (--no-boot)".into(), |c| c.hv.name().to_string()),
+        accel.unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "{:<40} {:<10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}",
+        "image",
+        "strategy",
+        "cold ms",
+        "warm ms",
+        "box bytes",
+        "ready ms",
+        "read /usr",
+        "wr+fsync",
+        "find /"
+    );
+    for r in &rows {
+        println!(
+            "{:<40} {:<10} {:>10.1} {:>10.2} {:>10} {:>9} {:>10} {:>10} {:>8}",
+            r.image,
+            r.strategy,
+            r.cold_prepare_ms,
+            r.warm_prepare_ms,
+            crate::store::human(r.box_bytes),
+            opt(r.ready_ms),
+            opt(r.read_usr_ms),
+            opt(r.write_fsync_100m_ms),
+            opt(r.find_ms)
+        );
+    }
+    Ok(())
+}
