@@ -98,6 +98,9 @@ fn copy_image(from: &Store, to: &Store, reference: &str) -> Result<String> {
     Ok(image.record.reference)
 }
 
+/// Makes a strategy for a scratch home and its store.
+type MakeStrategy = dyn Fn(&Home, Arc<Store>) -> Result<Box<dyn RootfsStrategy>>;
+
 const WORKLOAD: [(&str, &str); 3] = [
     ("read /usr", "find /usr -type f -exec cat {} + > /dev/null"),
     ("write+fsync 100M", "dd if=/dev/zero of=/root/boxlet-bench bs=1M count=100 conv=fsync 2>/dev/null; rm -f /root/boxlet-bench"),
@@ -150,7 +153,7 @@ async fn boot_and_work(ctx: &Ctx, rootfs: &GuestRootfs, row: &mut Row) -> Result
 
 async fn measure(
     name: &'static str,
-    make: &dyn Fn(&Home, Arc<Store>) -> Result<Box<dyn RootfsStrategy>>,
+    make: &MakeStrategy,
     source: &Store,
     reference: &str,
     runs: usize,
@@ -243,10 +246,7 @@ async fn strategies(a: StrategiesArgs) -> Result<()> {
         )?;
         let agent2 = agent.clone();
         let dd = direct_dir.path().to_path_buf();
-        let makers: Vec<(
-            &'static str,
-            Box<dyn Fn(&Home, Arc<Store>) -> Result<Box<dyn RootfsStrategy>>>,
-        )> = vec![
+        let makers: Vec<(&'static str, Box<MakeStrategy>)> = vec![
             (
                 "direct",
                 Box::new(move |_, _| {
