@@ -14,7 +14,7 @@ use boxlet::rootfs::{
     OverlayStrategy, PrepareRequest,
 };
 use boxlet::{boot, BootSpec, Exec, Root, RootfsStrategy};
-use boxlet_cas::{Algorithm, BoxId, Store};
+use boxlet_cas::{BoxId, Store};
 use clap::{Args, Subcommand};
 
 use crate::vm::Backend;
@@ -49,6 +49,9 @@ pub struct StrategiesArgs {
 struct Row {
     image: String,
     strategy: &'static str,
+    /// How a box's files are made from the cache (Extracted): reflinks or copies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_box_copy: Option<&'static str>,
     cold_prepare_ms: f64,
     warm_prepare_ms: f64,
     box_bytes: u64,
@@ -92,7 +95,7 @@ fn copy_image(from: &Store, to: &Store, reference: &str) -> Result<String> {
     let lease = to.lease();
     for d in image.record.blobs() {
         let mut f = from.open_blob(d)?;
-        to.ingest(&mut f, Algorithm::Sha256, None, &lease)?;
+        to.ingest(&mut f, d.algorithm(), None, &lease)?;
     }
     to.put_image(&image.record)?;
     Ok(image.record.reference)
@@ -171,6 +174,13 @@ async fn measure(
     let mut row = Row {
         image: reference.clone(),
         strategy: name,
+        per_box_copy: (name == "extracted").then(|| {
+            if boxlet::rootfs::reflinks_supported(&home.tmp()) {
+                "reflink"
+            } else {
+                "copy"
+            }
+        }),
         ..Row::default()
     };
     let first = BoxId::mint();
@@ -302,7 +312,7 @@ async fn strategies(a: StrategiesArgs) -> Result<()> {
         accel.unwrap_or_else(|| "-".into())
     );
     println!(
-        "{:<40} {:<10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}",
+        "{:<40} {:<18} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}",
         "image",
         "strategy",
         "cold ms",
@@ -315,9 +325,12 @@ async fn strategies(a: StrategiesArgs) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<40} {:<10} {:>10.1} {:>10.2} {:>10} {:>9} {:>10} {:>10} {:>8}",
+            "{:<40} {:<18} {:>10.1} {:>10.2} {:>10} {:>9} {:>10} {:>10} {:>8}",
             r.image,
-            r.strategy,
+            match r.per_box_copy {
+                Some(how) => format!("{} ({how})", r.strategy),
+                None => r.strategy.to_string(),
+            },
             r.cold_prepare_ms,
             r.warm_prepare_ms,
             crate::store::human(r.box_bytes),

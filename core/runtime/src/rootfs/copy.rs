@@ -61,6 +61,20 @@ pub(crate) fn copy_file_with(
     }
 }
 
+/// Whether the file system of `dir` makes reflinks (tried on two scratch files there).
+pub fn reflinks_supported(dir: &Path) -> bool {
+    let Ok(scratch) = tempfile::tempdir_in(dir) else {
+        return false;
+    };
+    let (a, b) = (scratch.path().join("a"), scratch.path().join("b"));
+    let made = std::fs::write(&a, b"reflink probe").and_then(|()| {
+        let from = File::open(&a)?;
+        let to = File::create(&b)?;
+        Ok(rustix::fs::ioctl_ficlone(&to, &from).is_ok())
+    });
+    made.unwrap_or(false)
+}
+
 fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
     to.set_len(len)?;
     let mut pos = 0u64;
@@ -113,6 +127,10 @@ mod tests {
 
         let dst = dir.path().join("dst.img");
         let method = copy_file(&src, &dst).unwrap();
+        assert_eq!(
+            reflinks_supported(dir.path()),
+            method == CopyMethod::Reflink
+        );
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
         if method == CopyMethod::Sparse {

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use copy::{copy_file, CopyMethod};
+pub use copy::{copy_file, reflinks_supported, CopyMethod};
 pub use direct::DirectStrategy;
 pub use disk::DiskStrategy;
 pub use error::RootfsError;
