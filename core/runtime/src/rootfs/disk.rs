@@ -9,10 +9,9 @@
 //! Concurrent prepares of one image in this process build it once (single flight); other
 //! processes are kept out by the [`RuntimeLock`](crate::rootfs::RuntimeLock).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use boxlet_cas::{BaseDiskKind, Store};
@@ -20,6 +19,7 @@ use boxlet_oci::StoredImage;
 
 use crate::disk_store::DiskStore;
 use crate::rootfs::manager::{AgentBinary, GuestRootfsManager};
+use crate::rootfs::shared::{box_dir_of, image_env, remove_box_dir, requested_image, Flights};
 use crate::rootfs::{
     GuestRootfs, Home, PrepareHook, PrepareRequest, PrepareStep, RootfsError, RootfsStrategy,
     Strategy,
@@ -29,7 +29,7 @@ use crate::rootfs::{
 #[derive(Debug)]
 pub struct DiskStrategy {
     inner: Arc<Inner>,
-    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    flights: Flights,
 }
 
 /// What the blocking stages need, shared with the blocking thread.
@@ -40,22 +40,6 @@ struct Inner {
     manager: GuestRootfsManager,
     /// Image disks built (stage 1) by this strategy.
     builds: AtomicUsize,
-}
-
-/// The image's environment from its config (`KEY=VALUE` entries).
-pub(crate) fn image_env(image: &StoredImage) -> Vec<(String, String)> {
-    image
-        .config
-        .config()
-        .as_ref()
-        .and_then(|c| c.env().clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-        })
-        .collect()
 }
 
 impl DiskStrategy {
@@ -84,7 +68,7 @@ impl DiskStrategy {
                 manager,
                 builds: AtomicUsize::new(0),
             }),
-            flights: Mutex::default(),
+            flights: Flights::default(),
         })
     }
 
@@ -96,11 +80,6 @@ impl DiskStrategy {
     /// How many image disks this strategy has built (cache misses of stage 1).
     pub fn builds(&self) -> usize {
         self.inner.builds.load(Ordering::Relaxed)
-    }
-
-    fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
-        flights.entry(key.to_string()).or_default().clone()
     }
 }
 
@@ -212,19 +191,16 @@ impl RootfsStrategy for DiskStrategy {
     }
 
     async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError> {
-        let reference = req.image.as_deref().ok_or_else(|| RootfsError::Invalid {
-            what: format!("box {}", req.box_id),
-            reason: "the Disk strategy needs an image".into(),
-        })?;
-        let image = Arc::new(StoredImage::open(&self.inner.store, reference)?);
-        let flight = self.flight(&image.record.manifest.to_string());
+        let image = Arc::new(requested_image(&self.inner.store, req, "Disk")?);
+        let reference = image.record.reference.clone();
+        let flight = self.flights.get(&image.record.manifest.to_string());
         let base = {
             let _once = flight.lock().await;
             let (inner, image) = (self.inner.clone(), image.clone());
             tokio::task::spawn_blocking(move || inner.base_for(&image))
                 .await
                 .map_err(|e| RootfsError::Invalid {
-                    what: reference.to_string(),
+                    what: reference.clone(),
                     reason: format!("preparing its disk failed: {e}"),
                 })??
         };
@@ -254,20 +230,6 @@ impl RootfsStrategy for DiskStrategy {
             });
         };
         // boxes/<id>/disks/guest-rootfs.qcow2: the box's directory goes with it.
-        let box_dir = disk_path.parent().and_then(Path::parent);
-        match box_dir {
-            Some(dir) if dir.parent() == Some(self.inner.home.boxes().as_path()) => {
-                match std::fs::remove_dir_all(dir) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        Err(RootfsError::io("removing", dir)(e))
-                    }
-                    _ => Ok(()),
-                }
-            }
-            _ => Err(RootfsError::Invalid {
-                what: disk_path.display().to_string(),
-                reason: format!("not a box disk under {}", self.inner.home.boxes().display()),
-            }),
-        }
+        remove_box_dir(box_dir_of(&self.inner.home, disk_path)?).await
     }
 }

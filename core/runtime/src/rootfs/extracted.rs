@@ -6,8 +6,7 @@
 //! The cache is staged in `tmp/` and renamed into `images/` whole: a directory there is
 //! complete, and a crash leaves only staging, which the store sweeps at open.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -15,7 +14,7 @@ use async_trait::async_trait;
 use boxlet_cas::Store;
 use boxlet_oci::{ApplyOptions, DevicePolicy, StoredImage};
 
-use crate::rootfs::disk::image_env;
+use crate::rootfs::shared::{box_dir_of, image_env, remove_box_dir, requested_image, Flights};
 use crate::rootfs::tree_copy::{copy_tree, TreeCopy};
 use crate::rootfs::{GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy};
 
@@ -23,7 +22,7 @@ use crate::rootfs::{GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrate
 #[derive(Debug)]
 pub struct ExtractedStrategy {
     inner: Arc<Inner>,
-    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    flights: Flights,
 }
 
 #[derive(Debug)]
@@ -45,7 +44,7 @@ impl ExtractedStrategy {
                 extractions: AtomicUsize::new(0),
                 last_copy: Mutex::default(),
             }),
-            flights: Mutex::default(),
+            flights: Flights::default(),
         })
     }
 
@@ -66,10 +65,7 @@ impl ExtractedStrategy {
     /// The cached tree of an image (extracting it when missing).
     pub async fn cached_tree(&self, image: &StoredImage) -> Result<PathBuf, RootfsError> {
         let hex = image.record.manifest.hex();
-        let flight = {
-            let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
-            flights.entry(hex.clone()).or_default().clone()
-        };
+        let flight = self.flights.get(&hex);
         let _once = flight.lock().await;
         let inner = self.inner.clone();
         let reference = image.record.reference.clone();
@@ -123,17 +119,6 @@ impl Inner {
     }
 }
 
-/// The box's directory of a rootfs path `boxes/<id>/rootfs`, checked to be one.
-pub(crate) fn box_dir_of<'a>(home: &Home, path: &'a Path) -> Result<&'a Path, RootfsError> {
-    match path.parent() {
-        Some(dir) if dir.parent() == Some(home.boxes().as_path()) => Ok(dir),
-        _ => Err(RootfsError::Invalid {
-            what: path.display().to_string(),
-            reason: format!("not a box's rootfs under {}", home.boxes().display()),
-        }),
-    }
-}
-
 #[async_trait]
 impl RootfsStrategy for ExtractedStrategy {
     fn name(&self) -> &'static str {
@@ -141,11 +126,8 @@ impl RootfsStrategy for ExtractedStrategy {
     }
 
     async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError> {
-        let reference = req.image.as_deref().ok_or_else(|| RootfsError::Invalid {
-            what: format!("box {}", req.box_id),
-            reason: "the Extracted strategy needs an image".into(),
-        })?;
-        let image = StoredImage::open(&self.inner.store, reference)?;
+        let image = requested_image(&self.inner.store, req, "Extracted")?;
+        let reference = image.record.reference.as_str();
         let tree = self.cached_tree(&image).await?;
         let box_dir = self.inner.home.box_dir(req.box_id);
         let rootfs = box_dir.join("rootfs");
@@ -177,17 +159,6 @@ impl RootfsStrategy for ExtractedStrategy {
     }
 
     async fn cleanup(&self, rootfs: &GuestRootfs) -> Result<(), RootfsError> {
-        let dir = box_dir_of(&self.inner.home, &rootfs.path)?.to_path_buf();
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(RootfsError::io("removing", &dir)(e))
-            }
-            _ => Ok(()),
-        })
-        .await
-        .map_err(|e| RootfsError::Invalid {
-            what: rootfs.path.display().to_string(),
-            reason: format!("removing it failed: {e}"),
-        })?
+        remove_box_dir(box_dir_of(&self.inner.home, &rootfs.path)?).await
     }
 }

@@ -14,6 +14,7 @@ mod fault;
 mod home;
 mod manager;
 mod overlay;
+mod shared;
 mod tree_copy;
 
 use std::path::PathBuf;

@@ -7,17 +7,15 @@
 //! Mounts never leak: cleanup unmounts before it removes anything, and a new strategy
 //! unmounts what a crashed runtime left mounted under `boxes/`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use boxlet_cas::Store;
-use boxlet_oci::{ApplyOptions, DevicePolicy, Layer, StoredImage, Whiteouts};
+use boxlet_oci::{ApplyOptions, DevicePolicy, Layer, Whiteouts};
 
-use crate::rootfs::disk::image_env;
-use crate::rootfs::extracted::box_dir_of;
+use crate::rootfs::shared::{box_dir_of, image_env, remove_box_dir, requested_image, Flights};
 use crate::rootfs::{
     ExtractedStrategy, GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy,
 };
@@ -26,7 +24,7 @@ use crate::rootfs::{
 #[derive(Debug)]
 pub struct OverlayStrategy {
     inner: Arc<Inner>,
-    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    flights: Flights,
     fallback: Option<ExtractedStrategy>,
 }
 
@@ -107,7 +105,7 @@ impl OverlayStrategy {
                 store,
                 extractions: AtomicUsize::new(0),
             }),
-            flights: Mutex::default(),
+            flights: Flights::default(),
             fallback,
         })
     }
@@ -119,10 +117,7 @@ impl OverlayStrategy {
 
     async fn layer_dir(&self, layer: &Layer) -> Result<PathBuf, RootfsError> {
         let hex = layer.diff_id.hex();
-        let flight = {
-            let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
-            flights.entry(hex.clone()).or_default().clone()
-        };
+        let flight = self.flights.get(&hex);
         let _once = flight.lock().await;
         let (inner, layer) = (self.inner.clone(), layer.clone());
         tokio::task::spawn_blocking(move || inner.ensure_layer(&layer))
@@ -170,11 +165,8 @@ impl RootfsStrategy for OverlayStrategy {
     }
 
     async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError> {
-        let reference = req.image.as_deref().ok_or_else(|| RootfsError::Invalid {
-            what: format!("box {}", req.box_id),
-            reason: "the OverlayMount strategy needs an image".into(),
-        })?;
-        let image = StoredImage::open(&self.inner.store, reference)?;
+        let image = requested_image(&self.inner.store, req, "OverlayMount")?;
+        let reference = image.record.reference.as_str();
         let mut lower = Vec::with_capacity(image.layers.len());
         for layer in image.layers.iter().rev() {
             lower.push(self.layer_dir(layer).await?);
@@ -247,7 +239,7 @@ impl RootfsStrategy for OverlayStrategy {
         if let (Strategy::Extracted { .. }, Some(f)) = (&rootfs.strategy, &self.fallback) {
             return f.cleanup(rootfs).await;
         }
-        let dir = box_dir_of(&self.inner.home, &rootfs.path)?.to_path_buf();
+        let dir = box_dir_of(&self.inner.home, &rootfs.path)?;
         let target = rootfs.path.clone();
         let points = mount_points();
         let canonical = std::fs::canonicalize(&target).unwrap_or(target.clone());
@@ -261,16 +253,6 @@ impl RootfsStrategy for OverlayStrategy {
                 reason: "still mounted after unmounting; not removing it".into(),
             });
         }
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(RootfsError::io("removing", &dir)(e))
-            }
-            _ => Ok(()),
-        })
-        .await
-        .map_err(|e| RootfsError::Invalid {
-            what: rootfs.path.display().to_string(),
-            reason: format!("removing it failed: {e}"),
-        })?
+        remove_box_dir(dir).await
     }
 }

@@ -1,0 +1,86 @@
+//! What the image strategies share: finding the request's image, single flight per cache
+//! key, and removing a box's directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use boxlet_cas::Store;
+use boxlet_oci::StoredImage;
+
+use crate::rootfs::{Home, PrepareRequest, RootfsError};
+
+/// The stored image a request names; `strategy` names the strategy in the error when
+/// there is none.
+pub(crate) fn requested_image(
+    store: &Store,
+    req: &PrepareRequest,
+    strategy: &str,
+) -> Result<StoredImage, RootfsError> {
+    let reference = req.image.as_deref().ok_or_else(|| RootfsError::Invalid {
+        what: format!("box {}", req.box_id),
+        reason: format!("the {strategy} strategy needs an image"),
+    })?;
+    Ok(StoredImage::open(store, reference)?)
+}
+
+/// The image's environment from its config (`KEY=VALUE` entries).
+pub(crate) fn image_env(image: &StoredImage) -> Vec<(String, String)> {
+    image
+        .config
+        .config()
+        .as_ref()
+        .and_then(|c| c.env().clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// One lock per cache key: concurrent builders of one key wait for the first, then find
+/// its result in the cache.
+#[derive(Debug, Default)]
+pub(crate) struct Flights(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Flights {
+    pub(crate) fn get(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.entry(key.to_string()).or_default().clone()
+    }
+}
+
+/// The box directory `boxes/<id>` that holds `path` (its rootfs or disk), checked to be
+/// one of `home`'s.
+pub(crate) fn box_dir_of(home: &Home, path: &Path) -> Result<PathBuf, RootfsError> {
+    let boxes = home.boxes();
+    let mut dir = path;
+    while let Some(parent) = dir.parent() {
+        if parent == boxes {
+            return Ok(dir.to_path_buf());
+        }
+        dir = parent;
+    }
+    Err(RootfsError::Invalid {
+        what: path.display().to_string(),
+        reason: format!("not a box's under {}", boxes.display()),
+    })
+}
+
+/// Remove a box's directory (on a blocking thread); absent is fine.
+pub(crate) async fn remove_box_dir(dir: PathBuf) -> Result<(), RootfsError> {
+    let shown = dir.display().to_string();
+    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(RootfsError::io("removing", &dir)(e))
+        }
+        _ => Ok(()),
+    })
+    .await
+    .map_err(|e| RootfsError::Invalid {
+        what: shown,
+        reason: format!("removing it failed: {e}"),
+    })?
+}
