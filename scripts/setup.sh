@@ -18,6 +18,8 @@ for tool in flex bison bc; do command -v $tool >/dev/null 2>&1 || need_apt+=($to
 command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
 command -v umoci >/dev/null 2>&1 || need_apt+=(umoci)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+# Reflink copies are tested on a loop-mounted XFS.
+command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
 [ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # virtiofsd builds against these.
