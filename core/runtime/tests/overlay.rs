@@ -97,3 +97,47 @@ async fn mounts_left_by_a_crashed_runtime_are_unmounted_at_the_next_start() {
     assert!(!mounted(&r.path), "a box rootfs stayed mounted");
     assert!(r.path.is_dir(), "unmounting removes nothing");
 }
+
+#[test]
+fn without_cap_sys_admin_it_fails_clearly_or_falls_back_to_extracted() {
+    let (_dir, home, store) = setup();
+    drop(store);
+    let exe = std::env::current_exe().unwrap();
+    let helper = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/overlay_prepare");
+    assert!(
+        helper.is_file(),
+        "{} is missing: `cargo test -p boxlet` builds it",
+        helper.display()
+    );
+    let run = |mode: &str| {
+        std::process::Command::new("setpriv")
+            .args(["--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--"])
+            .arg(&helper)
+            .arg(home.root())
+            .args(["busybox:1", mode])
+            .output()
+            .unwrap()
+    };
+    let strict = run("strict");
+    assert!(!strict.status.success());
+    let err = String::from_utf8_lossy(&strict.stderr);
+    assert!(
+        err.contains("CAP_SYS_ADMIN") && err.contains("Extracted"),
+        "{err}"
+    );
+    let fallback = run("fallback");
+    assert!(
+        fallback.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fallback.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&fallback.stdout).trim(),
+        "extracted"
+    );
+}

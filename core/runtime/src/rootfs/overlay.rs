@@ -65,6 +65,19 @@ fn mount_points() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Whether this process has CAP_SYS_ADMIN in its effective set (from /proc/self/status).
+fn has_cap_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
 /// Unmount `target` (lazily when it is busy).
 fn unmount(target: &Path) -> Result<(), RootfsError> {
     use rustix::mount::{unmount as umount, UnmountFlags};
@@ -167,6 +180,20 @@ impl RootfsStrategy for OverlayStrategy {
     async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError> {
         let image = requested_image(&self.inner.store, req, "OverlayMount")?;
         let reference = image.record.reference.as_str();
+        if !has_cap_sys_admin() {
+            if let Some(fallback) = &self.fallback {
+                tracing::warn!(
+                    "no CAP_SYS_ADMIN to mount overlayfs: falling back to the Extracted strategy"
+                );
+                return fallback.prepare(req).await;
+            }
+            return Err(RootfsError::Invalid {
+                what: reference.to_string(),
+                reason: "the OverlayMount strategy needs CAP_SYS_ADMIN (to mount overlayfs and \
+                         write trusted.* xattrs); run as root, or use the Extracted strategy"
+                    .into(),
+            });
+        }
         let mut lower = Vec::with_capacity(image.layers.len());
         for layer in image.layers.iter().rev() {
             lower.push(self.layer_dir(layer).await?);
