@@ -6,6 +6,7 @@ mod ext4;
 mod image;
 mod kernel;
 mod qcow2;
+mod run;
 mod size;
 mod store;
 mod vm;
@@ -36,6 +37,8 @@ enum Command {
     /// Boot VMs and run commands in them.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Run a command in a new box made from a stored image (removed when it ends).
+    Run(run::RunArgs),
     /// Benchmarks: the rootfs strategies against each other.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Store(cmd) => store::run(cmd),
         Command::Pull(args) => image::pull(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Run(args) => run::run(args),
         Command::Import(args) => image::import(args),
         Command::Images(args) => image::images(args),
         Command::Rmi(args) => image::rmi(args),

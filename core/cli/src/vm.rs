@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use boxlet::{boot, BootSpec, Exec, ExecEvent, Hypervisor, Root};
+use boxlet::{boot, BootSpec, Exec, ExecEvent, Hypervisor, Root, RunningVm};
 use clap::{Args, Subcommand, ValueEnum};
 use tokio::io::AsyncReadExt;
 
@@ -183,6 +183,17 @@ async fn run_cmd(a: RunArgs) -> Result<i32> {
         stdin: true,
         timeout_ms: None,
     };
+    attach(vm, exec, a.timings.then_some(started)).await
+}
+
+/// Run `exec` in `vm` with this process's stdin, stdout and stderr, then shut the VM
+/// down; the command's exit code (128+N on signal N). With `timings`, the time since
+/// then is printed at the end.
+pub(crate) async fn attach(
+    vm: RunningVm,
+    exec: Exec,
+    timings: Option<std::time::Instant>,
+) -> Result<i32> {
     let session = vm
         .agent()
         .exec(exec)
@@ -228,7 +239,7 @@ async fn run_cmd(a: RunArgs) -> Result<i32> {
     feed.abort();
     let status = status.context("the command's exit status never came")?;
     let exit = vm.shutdown(Duration::from_secs(10)).await?;
-    if a.timings {
+    if let Some(started) = timings {
         eprintln!(
             "boxlet: done {:.0} ms after start; VM ended: {exit:?}",
             started.elapsed().as_secs_f64() * 1000.0

@@ -1,0 +1,117 @@
+//! `boxlet run IMAGE -- CMD` end to end on the QEMU backend, with each strategy: the
+//! image's environment applied, stdin in, output and the exit code out, and nothing of
+//! the box left afterwards. Needs `make setup` and BOXLET_AGENT (`make test` sets it).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn run(home: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_boxlet"))
+        .env("BOXLET_HOME", home)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn home_with_busybox() -> tempfile::TempDir {
+    assert!(
+        std::env::var_os("BOXLET_AGENT").is_some(),
+        "BOXLET_AGENT: `make test` sets it"
+    );
+    let home = tempfile::tempdir().unwrap();
+    let layout = boxlet_testkit::busybox_image().join("layout");
+    let out = run(
+        home.path(),
+        &["import", layout.to_str().unwrap(), "--name", "busybox:1"],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    home
+}
+
+#[test]
+fn a_command_runs_in_a_box_of_each_strategy_and_the_box_goes_away() {
+    let home = home_with_busybox();
+    for strategy in ["disk", "extracted", "overlay"] {
+        let out = run(
+            home.path(),
+            &[
+                "run",
+                "--backend",
+                "qemu",
+                "--strategy",
+                strategy,
+                "busybox:1",
+                "--",
+                "sh",
+                "-c",
+                "cat /etc/hostname; echo $PATH; cat; exit 3",
+            ],
+            "from stdin\n",
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{strategy}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "boxlet\n/usr/sbin:/usr/bin:/sbin:/bin\nfrom stdin\n",
+            "{strategy}"
+        );
+        let boxes = std::fs::read_dir(home.path().join("boxes"))
+            .unwrap()
+            .count();
+        assert_eq!(boxes, 0, "{strategy}: the box's directory stayed");
+    }
+    let du = run(home.path(), &["store", "du", "--json"], "");
+    let du: serde_json::Value = serde_json::from_slice(&du.stdout).unwrap();
+    assert_eq!(du["boxes"], 0, "box records stayed");
+}
+
+#[test]
+fn the_image_command_runs_when_none_is_given_and_bad_requests_are_clear_errors() {
+    let home = home_with_busybox();
+    // The image's command is /bin/sh: it reads its script from stdin.
+    let out = run(
+        home.path(),
+        &["run", "--backend", "qemu", "busybox:1"],
+        "echo from the image cmd\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from the image cmd\n");
+
+    let missing = run(home.path(), &["run", "nothing:here", "--", "true"], "");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nothing:here"));
+
+    // One runtime per home: a held lock is named with its holder.
+    let _held = boxlet::rootfs::RuntimeLock::acquire(home.path()).unwrap();
+    let locked = run(home.path(), &["run", "busybox:1", "--", "true"], "");
+    assert!(!locked.status.success());
+    let err = String::from_utf8_lossy(&locked.stderr);
+    assert!(
+        err.contains(&std::process::id().to_string()) && err.contains(".lock"),
+        "{err}"
+    );
+}
