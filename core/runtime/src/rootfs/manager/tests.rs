@@ -376,3 +376,23 @@ fn an_agent_that_is_not_the_build_time_one_is_an_error() {
             .is_empty());
     }
 }
+
+#[test]
+fn the_build_embeds_the_hash_of_the_agent_it_was_built_with() {
+    let agent = std::env::var_os("BOXLET_AGENT")
+        .expect("BOXLET_AGENT: the static agent (`make test` sets it)");
+    let embedded = AgentBinary::new("anywhere").build_hash;
+    assert_eq!(
+        embedded,
+        Some(super::sha256_file(Path::new(&agent)).unwrap())
+    );
+    // So a manager built from it agrees with the agent found at run time.
+    let (store, dir) = stores().remove(1);
+    let mgr = GuestRootfsManager::new(
+        store,
+        dir.path().join("bases"),
+        dir.path().join("tmp"),
+        AgentBinary::new(&agent),
+    );
+    assert_eq!(mgr.agent_hash().unwrap(), embedded.unwrap());
+}
