@@ -151,3 +151,25 @@ async fn an_unknown_image_and_a_missing_image_are_errors_naming_them() {
         .unwrap_err();
     assert!(err.to_string().contains("needs an image"), "{err}");
 }
+
+#[tokio::test]
+async fn ensure_cached_builds_the_shared_base_once_and_makes_no_box() {
+    let (_dir, strategy, home, store) = setup();
+    strategy.ensure_cached("busybox:1").await.unwrap();
+    strategy.ensure_cached("busybox:1").await.unwrap();
+    assert_eq!(strategy.builds(), 1);
+    assert_eq!(store.all_base_disks().unwrap().len(), 2);
+    assert_eq!(
+        std::fs::read_dir(home.boxes()).unwrap().count(),
+        0,
+        "a box was made"
+    );
+    strategy.prepare(&req(BoxId::mint())).await.unwrap();
+    assert_eq!(strategy.builds(), 1, "the prepare after it built again");
+    assert!(strategy
+        .ensure_cached("nothing:here")
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("nothing:here"));
+}

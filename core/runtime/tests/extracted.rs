@@ -95,3 +95,12 @@ async fn ten_concurrent_prepares_extract_once() {
     assert_eq!(std::fs::read_dir(home.images()).unwrap().count(), 1);
     assert_eq!(std::fs::read_dir(home.boxes()).unwrap().count(), 10);
 }
+
+#[tokio::test]
+async fn ensure_cached_extracts_once_and_makes_no_box() {
+    let (_dir, strategy, home) = setup();
+    strategy.ensure_cached("busybox:1").await.unwrap();
+    strategy.ensure_cached("busybox:1").await.unwrap();
+    assert_eq!(strategy.extractions(), 1);
+    assert_eq!(std::fs::read_dir(home.boxes()).unwrap().count(), 0);
+}

@@ -184,26 +184,36 @@ fn create_overlay(overlay: &Path, base: &Path) -> Result<(), RootfsError> {
     })
 }
 
+impl DiskStrategy {
+    /// The versioned base of an image: stages 1 and 2, once per image at a time.
+    async fn base(&self, image: Arc<StoredImage>) -> Result<PathBuf, RootfsError> {
+        let reference = image.record.reference.clone();
+        let flight = self.flights.get(&image.record.manifest.to_string());
+        let _once = flight.lock().await;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.base_for(&image))
+            .await
+            .map_err(|e| RootfsError::Invalid {
+                what: reference,
+                reason: format!("preparing its disk failed: {e}"),
+            })?
+    }
+}
+
 #[async_trait]
 impl RootfsStrategy for DiskStrategy {
     fn name(&self) -> &'static str {
         "disk"
     }
 
+    async fn ensure_cached(&self, image: &str) -> Result<(), RootfsError> {
+        let image = Arc::new(StoredImage::open(&self.inner.store, image)?);
+        self.base(image).await.map(drop)
+    }
+
     async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError> {
         let image = Arc::new(requested_image(&self.inner.store, req, "Disk")?);
-        let reference = image.record.reference.clone();
-        let flight = self.flights.get(&image.record.manifest.to_string());
-        let base = {
-            let _once = flight.lock().await;
-            let (inner, image) = (self.inner.clone(), image.clone());
-            tokio::task::spawn_blocking(move || inner.base_for(&image))
-                .await
-                .map_err(|e| RootfsError::Invalid {
-                    what: reference.clone(),
-                    reason: format!("preparing its disk failed: {e}"),
-                })??
-        };
+        let base = self.base(image.clone()).await?;
         let overlay = self.inner.home.box_disk(req.box_id);
         create_overlay(&overlay, &base)?;
         self.inner

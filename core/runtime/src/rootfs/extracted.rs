@@ -125,6 +125,11 @@ impl RootfsStrategy for ExtractedStrategy {
         "extracted"
     }
 
+    async fn ensure_cached(&self, image: &str) -> Result<(), RootfsError> {
+        let image = StoredImage::open(&self.inner.store, image)?;
+        self.cached_tree(&image).await.map(drop)
+    }
+
     async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError> {
         let image = requested_image(&self.inner.store, req, "Extracted")?;
         let reference = image.record.reference.as_str();

@@ -109,7 +109,15 @@ pub trait RootfsStrategy: Send + Sync + std::fmt::Debug {
     /// The strategy's name (`direct`, `extracted`, `overlay`, `disk`).
     fn name(&self) -> &'static str;
 
-    /// Prepare a rootfs for the request.
+    /// Build what every box of `image` shares (the image-level cache) without making a
+    /// box; when it is cached already, this is a lookup. Strategies with nothing to share
+    /// have nothing to do.
+    async fn ensure_cached(&self, image: &str) -> Result<(), RootfsError> {
+        let _ = image;
+        Ok(())
+    }
+
+    /// Prepare a rootfs for the request (building the image-level cache when missing).
     async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError>;
 
     /// Remove what `prepare` made for the box (what it shares with other boxes stays).

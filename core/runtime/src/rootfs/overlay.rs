@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use boxlet_cas::Store;
-use boxlet_oci::{ApplyOptions, DevicePolicy, Layer, Whiteouts};
+use boxlet_oci::{ApplyOptions, DevicePolicy, Layer, StoredImage, Whiteouts};
 
 use crate::rootfs::shared::{box_dir_of, image_env, remove_box_dir, requested_image, Flights};
 use crate::rootfs::{
@@ -175,6 +175,14 @@ impl Inner {
 impl RootfsStrategy for OverlayStrategy {
     fn name(&self) -> &'static str {
         "overlay"
+    }
+
+    async fn ensure_cached(&self, image: &str) -> Result<(), RootfsError> {
+        let image = StoredImage::open(&self.inner.store, image)?;
+        for layer in &image.layers {
+            self.layer_dir(layer).await?;
+        }
+        Ok(())
     }
 
     async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError> {
