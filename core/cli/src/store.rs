@@ -45,21 +45,11 @@ pub enum Alg {
     Blake3,
 }
 
-/// boxlet's home: `$BOXLET_HOME`, else `~/.boxlet`.
-pub fn home() -> Result<PathBuf> {
-    if let Some(h) = std::env::var_os("BOXLET_HOME").filter(|h| !h.is_empty()) {
-        return Ok(PathBuf::from(h));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .context("neither BOXLET_HOME nor HOME is set")?;
-    Ok(PathBuf::from(home).join(".boxlet"))
-}
-
 /// Open the store at boxlet's home.
 pub fn open() -> Result<Store> {
-    let home = home()?;
-    Store::open(&home).with_context(|| format!("opening the store at {}", home.display()))
+    let home = boxlet::rootfs::Home::from_env()?;
+    Store::open(home.root())
+        .with_context(|| format!("opening the store at {}", home.root().display()))
 }
 
 /// `1.5 MiB`-style sizes.

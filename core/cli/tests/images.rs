@@ -1,29 +1,13 @@
 //! `boxlet import|pull|images|unpack|rmi` on a store under $BOXLET_HOME, with the busybox
 //! fixture image and a real registry.
 
-use std::io::Write;
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+
+use common::boxlet;
 
 use boxlet_testkit::registry::Registry;
-
-fn boxlet(home: &Path, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_boxlet"))
-        .env("BOXLET_HOME", home)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
 
 fn ok(home: &Path, args: &[&str]) -> String {
     let out = boxlet(home, args, "");

@@ -2,27 +2,9 @@
 //! image's environment applied, stdin in, output and the exit code out, and nothing of
 //! the box left afterwards. Needs `make setup` and BOXLET_AGENT (`make test` sets it).
 
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn run(home: &Path, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_boxlet"))
-        .env("BOXLET_HOME", home)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
+use common::boxlet as run;
 
 fn home_with_busybox() -> tempfile::TempDir {
     assert!(

@@ -1,26 +1,14 @@
 //! `boxlet store verify|gc|du` on a store under $BOXLET_HOME.
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Output};
+
+mod common;
 
 use boxlet_cas::{Algorithm, Store};
+use common::json;
 
-fn boxlet(home: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_boxlet"))
-        .env("BOXLET_HOME", home)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+fn boxlet(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    common::boxlet(home, args, "")
 }
 
 #[test]

@@ -17,14 +17,8 @@ const AGENT: &[u8] = b"#!/bin/sh\n# stands in for the agent\n";
 /// A home with the busybox image imported, and an agent file.
 fn fresh() -> (tempfile::TempDir, Home, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let home = Home::new(dir.path().join("home"));
-    let store = Store::open(home.root()).unwrap();
-    boxlet_oci::import_layout(
-        &store,
-        &boxlet_testkit::busybox_image().join("layout"),
-        Some("busybox:1"),
-    )
-    .unwrap();
+    // The store is closed again: each drill opens the home itself.
+    let (home, _) = boxlet_testkit::busybox_home(dir.path());
     let agent = dir.path().join("agent");
     std::fs::write(&agent, AGENT).unwrap();
     (dir, home, agent)

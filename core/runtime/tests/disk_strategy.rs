@@ -12,10 +12,7 @@ const AGENT: &[u8] = b"#!/bin/sh\n# stands in for the agent: these tests do not 
 
 fn setup() -> (tempfile::TempDir, Arc<DiskStrategy>, Home, Arc<Store>) {
     let dir = tempfile::tempdir().unwrap();
-    let home = Home::new(dir.path().join("home"));
-    let store = Arc::new(Store::open(home.root()).unwrap());
-    let fixture = boxlet_testkit::busybox_image();
-    boxlet_oci::import_layout(&store, &fixture.join("layout"), Some("busybox:1")).unwrap();
+    let (home, store) = boxlet_testkit::busybox_home(dir.path());
     let agent = dir.path().join("agent");
     std::fs::write(&agent, AGENT).unwrap();
     let strategy = DiskStrategy::new(

@@ -5,14 +5,11 @@ use std::sync::Arc;
 
 use boxlet::rootfs::{ExtractedStrategy, Home, PrepareRequest, Strategy};
 use boxlet::RootfsStrategy;
-use boxlet_cas::{BoxId, Store};
+use boxlet_cas::BoxId;
 
 fn setup() -> (tempfile::TempDir, Arc<ExtractedStrategy>, Home) {
     let dir = tempfile::tempdir().unwrap();
-    let home = Home::new(dir.path().join("home"));
-    let store = Arc::new(Store::open(home.root()).unwrap());
-    let fixture = boxlet_testkit::busybox_image();
-    boxlet_oci::import_layout(&store, &fixture.join("layout"), Some("busybox:1")).unwrap();
+    let (home, store) = boxlet_testkit::busybox_home(dir.path());
     let strategy = ExtractedStrategy::new(home.clone(), store).unwrap();
     (dir, Arc::new(strategy), home)
 }

@@ -8,14 +8,7 @@ use boxlet_cas::{BoxId, Store};
 
 fn setup() -> (tempfile::TempDir, Home, Arc<Store>) {
     let dir = tempfile::tempdir().unwrap();
-    let home = Home::new(dir.path().join("home"));
-    let store = Arc::new(Store::open(home.root()).unwrap());
-    boxlet_oci::import_layout(
-        &store,
-        &boxlet_testkit::busybox_image().join("layout"),
-        Some("busybox:1"),
-    )
-    .unwrap();
+    let (home, store) = boxlet_testkit::busybox_home(dir.path());
     (dir, home, store)
 }
 

@@ -4,13 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
 use boxlet::rootfs::{
-    copy_file, reflinks_supported, CopyMethod, ExtractedStrategy, Home, PrepareRequest,
+    copy_file, reflinks_supported, CopyMethod, ExtractedStrategy, PrepareRequest,
 };
 use boxlet::RootfsStrategy;
-use boxlet_cas::{BoxId, Store};
+use boxlet_cas::BoxId;
 
 /// A loop-mounted XFS with reflinks, unmounted on drop.
 struct Xfs {
@@ -74,14 +73,7 @@ fn a_copy_on_xfs_is_a_reflink() {
 #[tokio::test]
 async fn extracted_boxes_on_xfs_are_made_of_reflinks() {
     let xfs = Xfs::new();
-    let home = Home::new(xfs.path().join("home"));
-    let store = Arc::new(Store::open(home.root()).unwrap());
-    boxlet_oci::import_layout(
-        &store,
-        &boxlet_testkit::busybox_image().join("layout"),
-        Some("busybox:1"),
-    )
-    .unwrap();
+    let (home, store) = boxlet_testkit::busybox_home(xfs.path());
     let strategy = ExtractedStrategy::new(home.clone(), store).unwrap();
     let req = PrepareRequest {
         image: Some("busybox:1".into()),

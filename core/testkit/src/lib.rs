@@ -66,6 +66,14 @@ pub fn busybox_image() -> PathBuf {
     script_output("fixtures/oci/busybox-image.sh", &[])
 }
 
+/// A boxlet home at `dir/home` with its store, the busybox image imported as `busybox:1`.
+pub fn busybox_home(dir: &Path) -> (boxlet::rootfs::Home, std::sync::Arc<boxlet_cas::Store>) {
+    let home = boxlet::rootfs::Home::new(dir.join("home"));
+    let store = std::sync::Arc::new(boxlet_cas::Store::open(home.root()).unwrap());
+    boxlet_oci::import_layout(&store, &busybox_image().join("layout"), Some("busybox:1")).unwrap();
+    (home, store)
+}
+
 /// The debootstrap minbase OCI image (fixtures/oci/minbase-image.sh): `layout/`, one
 /// layer made from [`reference_trees`]`/minbase` by umoci.
 pub fn minbase_image() -> PathBuf {
@@ -390,15 +398,13 @@ pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
 /// cleaned up with nothing of the box left.
 pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
     use boxlet::rootfs::{
-        AgentBinary, DirectStrategy, DiskStrategy, ExtractedStrategy, Home, OverlayStrategy,
+        AgentBinary, DirectStrategy, DiskStrategy, ExtractedStrategy, OverlayStrategy,
         PrepareRequest,
     };
     use boxlet::RootfsStrategy;
 
     let dir = tempfile::tempdir().unwrap();
-    let home = Home::new(dir.path().join("home"));
-    let store = std::sync::Arc::new(boxlet_cas::Store::open(home.root()).unwrap());
-    boxlet_oci::import_layout(&store, &busybox_image().join("layout"), Some("busybox:1")).unwrap();
+    let (home, store) = busybox_home(dir.path());
     let disk = DiskStrategy::new(
         home.clone(),
         store.clone(),

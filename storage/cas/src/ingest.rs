@@ -56,7 +56,11 @@ impl Store {
         expected: Option<Expected>,
         lease: &Lease,
     ) -> Result<BlobInfo> {
-        if let Some(info) = self.lease_if_present(expected, lease)? {
+        if let Some(info) = expected
+            .map(|e| self.lease_stored(e, lease))
+            .transpose()?
+            .flatten()
+        {
             return Ok(info);
         }
         let mut writer = self.writer(alg, expected)?;
@@ -120,19 +124,17 @@ impl Store {
         Ok(writer)
     }
 
-    /// With `expected` content already stored: lease it and return its entry.
-    fn lease_if_present(
-        &self,
-        expected: Option<Expected>,
-        lease: &Lease,
-    ) -> Result<Option<BlobInfo>> {
-        let Some(e) = expected else { return Ok(None) };
+    /// When the store holds `expected` content (indexed, its file present, the size
+    /// right), lease it and return its entry: a fetch or ingest of it can be skipped. The
+    /// check and the lease happen under the GC lock, so GC cannot remove it in between.
+    pub fn lease_stored(&self, expected: Expected, lease: &Lease) -> Result<Option<BlobInfo>> {
         let _shared = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
-        match self.stat(&e.digest)? {
+        match self.stat(&expected.digest)? {
             Some(info)
-                if e.size.is_none_or(|s| s == info.size) && self.blob_path(&e.digest).is_file() =>
+                if expected.size.is_none_or(|s| s == info.size)
+                    && self.blob_path(&expected.digest).is_file() =>
             {
-                lease.add(e.digest);
+                lease.add(expected.digest);
                 Ok(Some(info))
             }
             _ => Ok(None),

@@ -97,11 +97,7 @@ impl Store {
     pub fn stat(&self, digest: &Digest) -> Result<Option<BlobInfo>> {
         let p = &self.db_path;
         let txn = self.db.begin_read().db(p)?;
-        let table = match txn.open_table(BLOBS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e).db(p),
-        };
+        let table = txn.open_table(BLOBS).db(p)?;
         let key = digest.to_string();
         Ok(table.get(key.as_str()).db(p)?.map(|v| {
             let (size, created, references) = v.value();

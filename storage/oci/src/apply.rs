@@ -199,7 +199,7 @@ impl Applier {
                 return Err(refuse("the entry would replace the root directory"));
             }
             let fd = open_dir_rw(&self.root, b"").map_err(io_err("opening the root"))?;
-            self.set_meta(&fd, entry.header(), true)
+            self.set_meta(&fd, entry.header())
                 .map_err(io_err("setting metadata"))?;
             self.dir_times
                 .push((Vec::new(), entry.header().mtime().unwrap_or(0)));
@@ -279,7 +279,7 @@ impl Applier {
                 let n =
                     copy(entry, &mut file, &mut self.buf).map_err(io_err("writing the file"))?;
                 self.xattrs(entry, &file);
-                self.set_meta(&file, &header, true)
+                self.set_meta(&file, &header)
                     .map_err(io_err("setting metadata"))?;
                 self.report.files += 1;
                 self.report.bytes += n;
@@ -297,7 +297,7 @@ impl Applier {
                 )
                 .map_err(|e| io_err("opening the directory")(e.into()))?;
                 self.xattrs(entry, &fd);
-                self.set_meta(&fd, &header, true)
+                self.set_meta(&fd, &header)
                     .map_err(io_err("setting metadata"))?;
                 self.dir_times
                     .push((rel.clone(), header.mtime().unwrap_or(0)));
@@ -383,7 +383,7 @@ impl Applier {
     }
 
     /// Owner, mode and times through the entry's own fd.
-    fn set_meta(&self, fd: &impl AsFd, header: &tar::Header, times: bool) -> io::Result<()> {
+    fn set_meta(&self, fd: &impl AsFd, header: &tar::Header) -> io::Result<()> {
         let mut mode = header.mode()? & 0o7777;
         if self.opts.owners {
             fchown(
@@ -396,16 +396,14 @@ impl Applier {
         }
         // After chown, which clears set-id bits.
         fchmod(fd, Mode::from_raw_mode(mode))?;
-        if times {
-            let t = timestamp(header.mtime().unwrap_or(0));
-            futimens(
-                fd,
-                &Timestamps {
-                    last_access: t,
-                    last_modification: t,
-                },
-            )?;
-        }
+        let t = timestamp(header.mtime().unwrap_or(0));
+        futimens(
+            fd,
+            &Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+        )?;
         Ok(())
     }
 

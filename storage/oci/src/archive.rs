@@ -170,7 +170,7 @@ pub fn import_archive(store: &Store, path: &Path, name: Option<&str>) -> Result<
     let manifest_bytes =
         serde_json::to_vec(&manifest).map_err(|e| OciError::malformed(&shown, e))?;
     let manifest = store.ingest_bytes(&manifest_bytes, Algorithm::Sha256, None, &lease)?;
-    record_image(store, &reference, None, manifest.digest, &lease)
+    record_image(store, &reference, None, manifest.digest)
 }
 
 /// Every regular file of the archive: path -> where its bytes are.

@@ -1,6 +1,6 @@
 //! Images in the store: recording one once its blobs are in, and reading one back.
 
-use boxlet_cas::{unix_now, Digest, ImageRecord, Lease, Store};
+use boxlet_cas::{unix_now, Digest, ImageRecord, Store};
 use oci_spec::image::{ImageConfiguration, ImageManifest};
 
 use crate::error::{OciError, Result};
@@ -36,13 +36,13 @@ pub struct Layer {
 }
 
 /// Check that the manifest's config and layers are consistent, record the image, and
-/// return its record. Every blob must be in the store (held by `lease`).
+/// return its record. Every blob must be in the store (held by the caller's lease until
+/// this returns).
 pub(crate) fn record_image(
     store: &Store,
     reference: &str,
     index: Option<Digest>,
     manifest_digest: Digest,
-    _lease: &Lease,
 ) -> Result<ImageRecord> {
     let stored = load(store, reference, index, manifest_digest)?;
     store.put_image(&stored.record)?;

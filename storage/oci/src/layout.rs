@@ -80,7 +80,7 @@ pub fn import_layout(store: &Store, dir: &Path, name: Option<&str>) -> Result<Im
         ingest_blob(store, dir, layer, &lease)?;
     }
     manifest_blobs(&manifest, &what)?;
-    record_image(store, &reference, index_digest, manifest_digest, &lease)
+    record_image(store, &reference, index_digest, manifest_digest)
 }
 
 /// The index entry to import.
@@ -140,8 +140,7 @@ fn ingest_blob(store: &Store, dir: &Path, desc: &Descriptor, lease: &Lease) -> R
     let what = format!("{} in {}", desc.digest(), dir.display());
     let digest = digest_of(desc, &what)?;
     let expected = Expected::new(digest, desc.size());
-    if store.stat(&digest)?.is_some_and(|b| b.size == desc.size()) && store.contains(&digest)? {
-        lease.add(digest);
+    if store.lease_stored(expected, lease)?.is_some() {
         return Ok(digest);
     }
     let path = dir

@@ -160,12 +160,9 @@ impl Puller<'_> {
     async fn blob(&self, desc: &Descriptor) -> Result<(bool, u64)> {
         let digest = digest_of(desc, &self.reference.whole())?;
         let expected = Expected::new(digest, desc.size());
-        if let Some(info) = self.store.stat(&digest)? {
-            if info.size == desc.size() && self.store.contains(&digest)? {
-                self.lease.add(digest);
-                self.progress.finished(&digest, true);
-                return Ok((false, 0));
-            }
+        if self.store.lease_stored(expected, &self.lease)?.is_some() {
+            self.progress.finished(&digest, true);
+            return Ok((false, 0));
         }
         self.progress.started(&digest, desc.size());
         let digest_text = digest.to_string();
@@ -228,7 +225,7 @@ impl Puller<'_> {
                 .buffered(parallel)
                 .try_collect()
                 .await?;
-        let image = record_image(self.store, whole, index, manifest_digest, &self.lease)?;
+        let image = record_image(self.store, whole, index, manifest_digest)?;
         Ok(PullReport {
             image,
             fetched: results.iter().filter(|r| r.0).count(),

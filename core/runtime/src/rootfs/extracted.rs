@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use boxlet_cas::Store;
 use boxlet_oci::{ApplyOptions, DevicePolicy, StoredImage};
 
-use crate::rootfs::shared::{box_dir_of, image_env, remove_box_dir, requested_image, Flights};
+use crate::rootfs::shared::{
+    box_dir_of, image_env, install_staged_dir, remove_box_dir, requested_image, Flights,
+};
 use crate::rootfs::tree_copy::{copy_tree, TreeCopy};
 use crate::rootfs::{GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy};
 
@@ -100,21 +102,8 @@ impl Inner {
         };
         boxlet_oci::unpack(&self.store, reference, &staged, &opts)?;
         self.extractions.fetch_add(1, Ordering::Relaxed);
-        let done = stage.keep();
-        match std::fs::rename(&done, &dir) {
-            Ok(()) => {}
-            // Another runtime's extraction won: use it, drop ours.
-            Err(_) if tree.is_dir() => {
-                let _ = std::fs::remove_dir_all(&done);
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&done);
-                return Err(RootfsError::io("installing", &dir)(e));
-            }
-        }
-        if let Ok(images) = std::fs::File::open(self.home.images()) {
-            let _ = images.sync_all();
-        }
+        // The whole staging directory becomes images/<hex> (the tree is its `rootfs`).
+        install_staged_dir(&stage.keep(), &dir)?;
         Ok(tree)
     }
 }

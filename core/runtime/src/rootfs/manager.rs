@@ -14,12 +14,10 @@
 //!   (`boxes/*/disks/guest-rootfs.qcow2`) names them as its backing file.
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use boxlet_cas::{unix_now, BaseDisk, BaseDiskId, BaseDiskKind, DiskInfo};
-use sha2::Digest as _;
 
 use crate::disk_store::{DiskStore, DiskStoreError};
 use crate::rootfs::copy::copy_file;
@@ -62,17 +60,10 @@ pub struct GuestRootfsManager {
 }
 
 fn sha256_file(path: &Path) -> Result<String, RootfsError> {
-    let mut f = std::fs::File::open(path).map_err(RootfsError::io("opening", path))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(RootfsError::io("reading", path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    let mut file = std::fs::File::open(path).map_err(RootfsError::io("opening", path))?;
+    let mut hasher = boxlet_cas::Hasher::new(boxlet_cas::Algorithm::Sha256);
+    std::io::copy(&mut file, &mut hasher).map_err(RootfsError::io("reading", path))?;
+    Ok(hasher.finish().hex())
 }
 
 impl GuestRootfsManager {

@@ -15,7 +15,9 @@ use async_trait::async_trait;
 use boxlet_cas::Store;
 use boxlet_oci::{ApplyOptions, DevicePolicy, Layer, StoredImage, Whiteouts};
 
-use crate::rootfs::shared::{box_dir_of, image_env, remove_box_dir, requested_image, Flights};
+use crate::rootfs::shared::{
+    box_dir_of, image_env, install_staged_dir, remove_box_dir, requested_image, Flights,
+};
 use crate::rootfs::{
     ExtractedStrategy, GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy,
 };
@@ -163,11 +165,8 @@ impl Inner {
         };
         boxlet_oci::apply_stored_layer(&self.store, layer, &staged, &opts)?;
         self.extractions.fetch_add(1, Ordering::Relaxed);
-        match std::fs::rename(&staged, &dir) {
-            Ok(()) => Ok(dir),
-            Err(_) if dir.is_dir() => Ok(dir),
-            Err(e) => Err(RootfsError::io("installing", &dir)(e)),
-        }
+        install_staged_dir(&staged, &dir)?;
+        Ok(dir)
     }
 }
 

@@ -69,6 +69,24 @@ pub(crate) fn box_dir_of(home: &Home, path: &Path) -> Result<PathBuf, RootfsErro
     })
 }
 
+/// Install the directory `staged` (built in `tmp/`) as the cache entry `target` by a
+/// rename, and sync `target`'s parent. When another runtime installed `target` first,
+/// ours is dropped and theirs stays.
+pub(crate) fn install_staged_dir(staged: &Path, target: &Path) -> Result<(), RootfsError> {
+    if let Err(e) = std::fs::rename(staged, target) {
+        let _ = std::fs::remove_dir_all(staged);
+        if !target.is_dir() {
+            return Err(RootfsError::io("installing", target)(e));
+        }
+    }
+    if let Some(parent) = target.parent() {
+        if let Ok(dir) = std::fs::File::open(parent) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}
+
 /// Remove a box's directory (on a blocking thread); absent is fine.
 pub(crate) async fn remove_box_dir(dir: PathBuf) -> Result<(), RootfsError> {
     let shown = dir.display().to_string();
