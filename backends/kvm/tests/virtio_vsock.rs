@@ -314,6 +314,69 @@ fn a_host_connect_line_becomes_a_guest_request_and_ok_with_the_host_port() {
     assert_eq!(read_exactly(&mut host, 4), b"pong");
 }
 
+/// Whether the device's host descriptor (its epoll set) has events, waiting `ms`.
+fn host_ready(dev: &Vsock, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: dev.host_fd().unwrap(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}
+
+#[test]
+fn a_guest_that_stops_sending_leaves_the_device_idle_until_the_host_acts() {
+    // The agent's end of an exec: it sends its last frame, shuts its sending side and
+    // waits for the host to close. Meanwhile nothing happens, and the device's thread
+    // must sleep (a shutdown repeated at every socket event used to wake it at once,
+    // again and again: a busy loop on the host's CPU).
+    let dir = tempfile::tempdir().unwrap();
+    let m = mem();
+    let mut d = Driver::new(&m);
+    let mut dev = device(dir.path());
+    d.give_rx(16, RX_BUF);
+    let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+    host.write_all(b"CONNECT 5000\n").unwrap();
+    let req = pump(&mut d, &mut dev, 1)[0].0;
+    d.send(guest(5000, req.src_port, OP_RESPONSE), &[]);
+    d.notify_tx(&mut dev);
+    assert_eq!(read_line(&mut host), format!("OK {}", req.src_port));
+
+    d.send(guest(5000, req.src_port, OP_RW), b"exit 0");
+    let mut shut = guest(5000, req.src_port, OP_SHUTDOWN);
+    shut.flags = SHUTDOWN_SEND;
+    d.send(shut, &[]);
+    d.notify_tx(&mut dev);
+    assert_eq!(read_exactly(&mut host, 6), b"exit 0");
+    let mut b = [0u8; 8];
+    assert_eq!(host.read(&mut b).unwrap(), 0, "the host sees the end");
+
+    // Take whatever events the above left, then expect none until the host acts.
+    for _ in 0..3 {
+        dev.process_host(&mut d.queues, d.m);
+    }
+    let mut wakeups = 0;
+    for _ in 0..10 {
+        if host_ready(&dev, 20) {
+            wakeups += 1;
+            dev.process_host(&mut d.queues, d.m);
+        }
+    }
+    assert_eq!(wakeups, 0, "the device woke with nothing to do");
+    assert_eq!(dev.connections(), 1, "the guest still receives");
+
+    // The host closes: that is an event, and the guest hears of it.
+    drop(host);
+    assert!(host_ready(&dev, 1000));
+    let got = pump(&mut d, &mut dev, 1);
+    assert!(
+        got.iter()
+            .any(|(h, _)| h.op == OP_SHUTDOWN || h.op == OP_RST),
+        "{got:?}"
+    );
+}
+
 #[test]
 fn a_guest_refusal_closes_the_host_connection() {
     let dir = tempfile::tempdir().unwrap();

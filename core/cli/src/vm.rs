@@ -417,10 +417,21 @@ async fn bench(a: BenchArgs) -> Result<()> {
     }
     // Exec round trips in one running VM.
     let vm = boot(hv.as_ref(), spec()).await.context("booting")?;
+    // Each split in two: request to `Started` (connection, request, spawn), then to
+    // `Exit` (the process runs, is reaped, and its pipes end).
     let mut exec_us = Vec::new();
+    let mut started_us = Vec::new();
     for _ in 0..a.execs {
         let t = std::time::Instant::now();
-        vm.agent().run(true_cmd(), None).await?;
+        let mut session = vm.agent().exec(true_cmd()).await?;
+        started_us.push(t.elapsed().as_secs_f64() * 1e6);
+        while let Some(ev) = session.next().await? {
+            if let ExecEvent::Exit(s) = ev {
+                if s.code != Some(0) {
+                    bail!("`true` ended with {s:?}");
+                }
+            }
+        }
         exec_us.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let mut ping_us = Vec::new();
@@ -443,6 +454,7 @@ async fn bench(a: BenchArgs) -> Result<()> {
         "vm_run_true_ms_median": median(&mut run_ms),
         "execs": a.execs,
         "exec_true_round_trip_us_median": median(&mut exec_us),
+        "exec_true_started_us_median": median(&mut started_us),
         "ping_round_trip_us_median": median(&mut ping_us),
         "vmm_processes": procs,
         "vmm_resident_beyond_guest_ram_kib": overhead_kib,
@@ -477,6 +489,10 @@ async fn bench(a: BenchArgs) -> Result<()> {
             "exec `true` round trip    {:>8.0} us  ({} execs in one VM)",
             f("exec_true_round_trip_us_median"),
             a.execs
+        );
+        println!(
+            "  request to Started      {:>8.0} us  (connect, request, spawn)",
+            f("exec_true_started_us_median")
         );
         println!(
             "agent ping round trip     {:>8.0} us",

@@ -169,6 +169,8 @@ struct Conn {
     guest_done_sending: bool,
     /// The guest will receive no more.
     guest_done_receiving: bool,
+    /// The host socket's write side is shut down (after `guest_done_sending`).
+    host_write_shut: bool,
 }
 
 impl Conn {
@@ -187,6 +189,7 @@ impl Conn {
             host_eof: false,
             guest_done_sending: false,
             guest_done_receiving: false,
+            host_write_shut: false,
         }
     }
 
@@ -211,8 +214,12 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        if self.guest_done_sending {
+        if self.guest_done_sending && !self.host_write_shut {
+            // Once: a shutdown wakes the socket's own waiters, so repeating it at every
+            // flush would make the (edge-triggered) epoll report this socket again and
+            // again: a busy loop until the connection ends.
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            self.host_write_shut = true;
         }
         Ok(())
     }
