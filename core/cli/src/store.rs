@@ -16,7 +16,9 @@ pub enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove blobs no image or box names, and files the index does not list.
+    /// Remove the rootfs caches of removed images (extracted trees, unpacked layers, image
+    /// disks, and bases no box uses), then blobs no image or box names and files the
+    /// index does not list.
     Gc {
         /// Print a JSON report.
         #[arg(long)]
@@ -99,6 +101,9 @@ pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
             })
         }
         StoreCommand::Gc { json } => {
+            // Caches first: a base disk's record can hold a blob alive.
+            let home = boxlet::rootfs::Home::from_env()?;
+            let c = boxlet::rootfs::collect_caches(&home, &store, &store)?;
             let r = store.gc()?;
             if json {
                 let doc = serde_json::json!({
@@ -106,6 +111,7 @@ pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
                     "bytes_freed": r.bytes_freed,
                     "orphans_removed": r.orphans_removed,
                     "blobs_kept": r.blobs_kept,
+                    "caches": c,
                 });
                 println!("{doc:#}");
             } else {
@@ -116,6 +122,18 @@ pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
                     r.orphans_removed,
                     r.blobs_kept
                 );
+                println!(
+                    "removed caches of removed images: {} extracted trees, {} layers, {} image \
+                     disks, {} bases ({})",
+                    c.trees,
+                    c.layers,
+                    c.image_disks,
+                    c.bases,
+                    human(c.bytes)
+                );
+                for k in &c.kept {
+                    println!("kept {k}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -65,6 +65,33 @@ fn a_command_runs_in_a_box_of_each_strategy_and_the_box_goes_away() {
     let du = run(home.path(), &["store", "du", "--json"], "");
     let du: serde_json::Value = serde_json::from_slice(&du.stdout).unwrap();
     assert_eq!(du["boxes"], 0, "box records stayed");
+
+    // The image goes: `store gc` takes what the three strategies cached for it.
+    let entries = |d: &str| std::fs::read_dir(home.path().join(d)).map_or(0, |e| e.count());
+    assert_eq!(
+        (entries("images"), entries("layers"), entries("bases")),
+        (1, 2, 2)
+    );
+    assert!(run(home.path(), &["rmi", "busybox:1"], "").status.success());
+    let gc = run(home.path(), &["store", "gc", "--json"], "");
+    let gc: serde_json::Value = serde_json::from_slice(&gc.stdout).unwrap();
+    let c = &gc["caches"];
+    assert_eq!(
+        (&c["trees"], &c["layers"], &c["image_disks"], &c["bases"]),
+        (&1.into(), &2.into(), &1.into(), &1.into()),
+        "{gc}"
+    );
+    assert_eq!(
+        (entries("images"), entries("layers"), entries("bases")),
+        (0, 0, 0)
+    );
+    let du = run(home.path(), &["store", "du", "--json"], "");
+    let du: serde_json::Value = serde_json::from_slice(&du.stdout).unwrap();
+    assert_eq!(
+        (&du["blobs"], &du["base_disks"]),
+        (&0.into(), &0.into()),
+        "{du}"
+    );
 }
 
 #[test]

@@ -97,7 +97,7 @@ impl Inner {
 
     /// Stage 1: the image's own ext4, cached under the name `image-<manifest hex>`.
     fn image_disk(&self, image: &StoredImage) -> Result<PathBuf, RootfsError> {
-        let name = format!("image-{}", image.record.manifest.hex());
+        let name = GuestRootfsManager::image_disk_name(&image.record.manifest.hex());
         if let Some(path) = self.manager.find(&name)? {
             return Ok(path);
         }

@@ -51,6 +51,11 @@ impl Home {
         self.root.join("images")
     }
 
+    /// Unpacked layers (OverlayMount), by diff ID.
+    pub fn layers(&self) -> PathBuf {
+        self.root.join("layers")
+    }
+
     /// Per-box directories.
     pub fn boxes(&self) -> PathBuf {
         self.root.join("boxes")

@@ -97,10 +97,16 @@ impl GuestRootfsManager {
 
     /// `{digest[..12]}-{agent[..12]}`, with a `sha256:` prefix stripped.
     pub fn version_key(digest: &str, agent_hash: &str) -> String {
-        let d = digest.strip_prefix("sha256:").unwrap_or(digest);
-        let d = d.get(..12).unwrap_or(d);
+        let d = Self::version_prefix(digest);
         let g = agent_hash.get(..12).unwrap_or(agent_hash);
         format!("{d}-{g}")
+    }
+
+    /// The image part of a version key: the digest's first 12 characters, a `sha256:`
+    /// prefix stripped first.
+    pub fn version_prefix(digest: &str) -> &str {
+        let d = digest.strip_prefix("sha256:").unwrap_or(digest);
+        d.get(..12).unwrap_or(d)
     }
 
     /// The agent's hash: from build time when embedded, else computed once.
@@ -331,7 +337,7 @@ impl GuestRootfsManager {
 
 /// The backing files named by the boxes' overlays (`boxes/*/disks/guest-rootfs.qcow2`);
 /// `None` when an overlay exists but cannot be read (then nothing may be collected).
-fn referenced_bases(boxes_dir: &Path) -> Option<HashSet<PathBuf>> {
+pub(crate) fn referenced_bases(boxes_dir: &Path) -> Option<HashSet<PathBuf>> {
     let mut referenced = HashSet::new();
     let Ok(entries) = std::fs::read_dir(boxes_dir) else {
         return Some(referenced);

@@ -5,6 +5,7 @@
 //! virtio-fs, or a disk for virtio-blk. Its [`Strategy`] value is serializable, so a box's
 //! record says how its rootfs was made and how to clean it up.
 
+mod cache_gc;
 mod copy;
 mod direct;
 mod disk;
@@ -22,6 +23,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use cache_gc::{collect_caches, CacheReport};
 pub use copy::{copy_file, reflinks_supported, CopyMethod};
 pub use direct::DirectStrategy;
 pub use disk::DiskStrategy;

@@ -101,8 +101,8 @@ impl OverlayStrategy {
         fallback_to_extracted: bool,
     ) -> Result<Self, RootfsError> {
         home.prepare()?;
-        std::fs::create_dir_all(home.root().join("layers"))
-            .map_err(RootfsError::io("creating", home.root().join("layers")))?;
+        std::fs::create_dir_all(home.layers())
+            .map_err(RootfsError::io("creating", home.layers()))?;
         let boxes = std::fs::canonicalize(home.boxes())
             .map_err(RootfsError::io("opening", home.boxes()))?;
         for point in mount_points().into_iter().filter(|p| p.starts_with(&boxes)) {
@@ -148,7 +148,7 @@ impl Inner {
     /// The layer's directory under `layers/` (extracted, staged and renamed whole, when
     /// missing).
     fn ensure_layer(&self, layer: &Layer) -> Result<PathBuf, RootfsError> {
-        let dir = self.home.root().join("layers").join(layer.diff_id.hex());
+        let dir = self.home.layers().join(layer.diff_id.hex());
         if dir.is_dir() {
             return Ok(dir);
         }
