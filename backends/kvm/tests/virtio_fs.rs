@@ -57,6 +57,7 @@ fn daemon(dir: &Path, run: &Path) -> Daemon {
         tag: "share".into(),
         host_path: dir.to_path_buf(),
         read_only: false,
+        exclusive: false,
     };
     let child = rt.block_on(async {
         let cmd = virtiofsd_command(&virtiofsd(), &share, &socket);

@@ -336,6 +336,7 @@ mod tests {
                 tag: "rootfs".into(),
                 host_path: "/srv".into(),
                 read_only: false,
+                exclusive: false,
             }],
             vsock: Some(VsockSpec {
                 cid: 3,

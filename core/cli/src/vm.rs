@@ -156,7 +156,13 @@ async fn run_cmd(a: RunArgs) -> Result<i32> {
             if !dir.is_dir() {
                 bail!("{}: not a directory", dir.display());
             }
-            (Root::Dir { path: dir.clone() }, Some(crate::agent::find()?))
+            (
+                Root::Dir {
+                    path: dir.clone(),
+                    exclusive: false,
+                },
+                Some(crate::agent::find()?),
+            )
         }
         (None, None) => bail!("give --disk or --fs"),
     };
@@ -324,7 +330,10 @@ async fn bench(a: BenchArgs) -> Result<()> {
     };
     let spec = || {
         let root = match (&a.fs, &a.disk) {
-            (Some(dir), _) => Root::Dir { path: dir.clone() },
+            (Some(dir), _) => Root::Dir {
+                path: dir.clone(),
+                exclusive: false,
+            },
             (None, Some(disk)) => Root::Disk {
                 path: disk.clone(),
                 read_only: true,
@@ -379,6 +388,7 @@ async fn bench(a: BenchArgs) -> Result<()> {
                     tag: "rootfs".into(),
                     host_path: root_dir.clone(),
                     read_only: true,
+                    exclusive: false,
                 }],
             ),
             (None, Some(disk)) => (

@@ -55,6 +55,11 @@ pub struct ShareSpec {
     pub host_path: PathBuf,
     /// The guest may not write.
     pub read_only: bool,
+    /// Nothing but this VM changes the directory while it runs (a box's own rootfs), so
+    /// the guest may cache names, attributes and data without asking again (virtiofsd
+    /// `--cache=always`; else `auto`, which revalidates after a second).
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 /// Host side of the guest's vsock device, in Firecracker's convention: a guest

@@ -42,12 +42,17 @@ pub fn virtiofsd_log(run_dir: &Path, index: usize) -> PathBuf {
 
 /// A `virtiofsd` serving `share` on `socket`: chrooted into the shared directory, file
 /// handles off (they need CAP_DAC_READ_SEARCH on the host), extended attributes on,
-/// read-only when the share is.
+/// read-only when the share is, caching everything when the share is exclusive.
 pub fn virtiofsd_command(program: &Path, share: &ShareSpec, socket: &Path) -> Command {
     let mut cmd = owned(program);
     cmd.arg(format!("--socket-path={}", socket.display()))
         .arg(format!("--shared-dir={}", share.host_path.display()))
-        .args(["--cache=auto", "--sandbox=chroot", "--announce-submounts"])
+        .arg(if share.exclusive {
+            "--cache=always"
+        } else {
+            "--cache=auto"
+        })
+        .args(["--sandbox=chroot", "--announce-submounts"])
         .args(["--inode-file-handles=never", "--xattr"]);
     if share.read_only {
         cmd.arg("--readonly");
@@ -256,5 +261,40 @@ impl Drop for MonitoredVm {
         if self.task.is_some() {
             let _ = self.stop.try_send(Duration::ZERO);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_exclusive_share_lets_the_guest_cache_everything() {
+        let args = |exclusive: bool, read_only: bool| -> Vec<String> {
+            let share = ShareSpec {
+                tag: "rootfs".into(),
+                host_path: "/srv/box".into(),
+                read_only,
+                exclusive,
+            };
+            let cmd = virtiofsd_command(Path::new("virtiofsd"), &share, Path::new("/run/s"));
+            cmd.as_std()
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let shared = args(false, false);
+        assert!(shared.contains(&"--cache=auto".to_string()), "{shared:?}");
+        assert!(!shared
+            .iter()
+            .any(|a| a == "--cache=always" || a == "--readonly"));
+        let own = args(true, true);
+        assert!(own.contains(&"--cache=always".to_string()), "{own:?}");
+        assert!(own.contains(&"--readonly".to_string()), "{own:?}");
+        assert!(!own.contains(&"--cache=auto".to_string()));
+        // A spec from before the field existed reads as not exclusive.
+        let old: ShareSpec =
+            serde_json::from_str(r#"{"tag":"t","host_path":"/d","read_only":false}"#).unwrap();
+        assert!(!old.exclusive);
     }
 }

@@ -27,6 +27,8 @@ pub enum Root {
     Dir {
         /// The directory.
         path: PathBuf,
+        /// Only this VM changes it while it runs (see [`ShareSpec::exclusive`]).
+        exclusive: bool,
     },
 }
 
@@ -208,7 +210,7 @@ pub async fn boot(hv: &dyn Hypervisor, spec: BootSpec) -> Result<RunningVm, Boot
                 if *read_only { "ro" } else { "rw" }
             ));
         }
-        Root::Dir { path } => {
+        Root::Dir { path, exclusive } => {
             if !hv.capabilities().directory_shares {
                 return Err(BootError::Invalid(format!(
                     "the {} backend cannot share directories",
@@ -226,6 +228,7 @@ pub async fn boot(hv: &dyn Hypervisor, spec: BootSpec) -> Result<RunningVm, Boot
                 tag: ROOT_TAG.into(),
                 host_path: path.clone(),
                 read_only: false,
+                exclusive: *exclusive,
             });
             cmdline.push_str(&format!(
                 " rdinit=/boxlet-guest boxlet.root=virtiofs:{ROOT_TAG}"

@@ -30,7 +30,13 @@ async fn each_box_gets_its_own_copy_of_the_extracted_image() {
     assert_eq!(strategy.extractions(), 1);
     assert_eq!(ra.path, home.box_dir(a).join("rootfs"));
     assert!(matches!(&ra.strategy, Strategy::Extracted { layers } if layers.len() == 2));
-    assert!(matches!(ra.root(), boxlet::Root::Dir { .. }));
+    assert!(matches!(
+        ra.root(),
+        boxlet::Root::Dir {
+            exclusive: true,
+            ..
+        }
+    ));
     let copy = strategy.last_copy();
     assert!(copy.reflinked + copy.copied >= 3, "{copy:?}");
 

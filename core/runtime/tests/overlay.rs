@@ -43,7 +43,13 @@ async fn layers_are_extracted_once_and_mounted_under_a_per_box_upper() {
         panic!("{:?}", ra.strategy)
     };
     assert_eq!(lower.len(), 2);
-    assert!(matches!(ra.root(), boxlet::Root::Dir { .. }));
+    assert!(matches!(
+        ra.root(),
+        boxlet::Root::Dir {
+            exclusive: true,
+            ..
+        }
+    ));
 
     assert_eq!(
         std::fs::read(ra.path.join("etc/hostname")).unwrap(),

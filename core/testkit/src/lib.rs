@@ -353,9 +353,15 @@ pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
         .status()
         .unwrap();
     assert!(st.success());
-    let vm = boot(hv, spec(Root::Dir { path: root.clone() }))
-        .await
-        .unwrap();
+    let vm = boot(
+        hv,
+        spec(Root::Dir {
+            path: root.clone(),
+            exclusive: false,
+        }),
+    )
+    .await
+    .unwrap();
     let run_dir = vm.run_dir().to_path_buf();
     let o = vm
         .agent()

@@ -76,7 +76,13 @@ mod tests {
         let rootfs = s.prepare(&req()).await.unwrap();
         assert_eq!(rootfs.path, std::fs::canonicalize(dir.path()).unwrap());
         assert_eq!(rootfs.strategy, Strategy::Direct);
-        assert!(matches!(rootfs.root(), crate::vm::Root::Dir { .. }));
+        assert!(matches!(
+            rootfs.root(),
+            crate::vm::Root::Dir {
+                exclusive: false,
+                ..
+            }
+        ));
         s.cleanup(&rootfs).await.unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.path().join("marker")).unwrap(),

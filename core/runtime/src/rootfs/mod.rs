@@ -89,8 +89,14 @@ impl GuestRootfs {
                 path: disk_path.clone(),
                 read_only: false,
             },
+            // The user's own directory may change under the box; a box's own does not.
+            Strategy::Direct => Root::Dir {
+                path: self.path.clone(),
+                exclusive: false,
+            },
             _ => Root::Dir {
                 path: self.path.clone(),
+                exclusive: true,
             },
         }
     }
