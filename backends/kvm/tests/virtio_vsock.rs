@@ -209,6 +209,21 @@ fn pump(d: &mut Driver<'_>, dev: &mut Vsock, want: usize) -> Vec<(Header, Vec<u8
     got
 }
 
+/// A host program connects to guest port `port` (the line, then host events pumped):
+/// its stream, and what reached the guest (the request, when all went well).
+fn host_connects(
+    d: &mut Driver<'_>,
+    dev: &mut Vsock,
+    dir: &Path,
+    port: u32,
+) -> (UnixStream, Vec<(Header, Vec<u8>)>) {
+    let mut host = UnixStream::connect(dir.join("v.sock")).unwrap();
+    host.write_all(format!("CONNECT {port}\n").as_bytes())
+        .unwrap();
+    let got = pump(d, dev, 1);
+    (host, got)
+}
+
 #[test]
 fn the_config_space_holds_the_guest_cid() {
     let dir = tempfile::tempdir().unwrap();
@@ -288,9 +303,7 @@ fn a_host_connect_line_becomes_a_guest_request_and_ok_with_the_host_port() {
     let mut dev = device(dir.path());
     d.give_rx(16, RX_BUF);
 
-    let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-    host.write_all(b"CONNECT 5000\n").unwrap();
-    let got = pump(&mut d, &mut dev, 1);
+    let (mut host, got) = host_connects(&mut d, &mut dev, dir.path(), 5000);
     assert_eq!(got.len(), 1, "{got:?}");
     let req = got[0].0;
     assert_eq!((req.op, req.dst_port, req.dst_cid), (OP_REQUEST, 5000, CID));
@@ -336,9 +349,8 @@ fn a_guest_that_stops_sending_leaves_the_device_idle_until_the_host_acts() {
     let mut d = Driver::new(&m);
     let mut dev = device(dir.path());
     d.give_rx(16, RX_BUF);
-    let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-    host.write_all(b"CONNECT 5000\n").unwrap();
-    let req = pump(&mut d, &mut dev, 1)[0].0;
+    let (mut host, got) = host_connects(&mut d, &mut dev, dir.path(), 5000);
+    let req = got[0].0;
     d.send(guest(5000, req.src_port, OP_RESPONSE), &[]);
     d.notify_tx(&mut dev);
     assert_eq!(read_line(&mut host), format!("OK {}", req.src_port));
@@ -384,9 +396,8 @@ fn a_guest_refusal_closes_the_host_connection() {
     let mut d = Driver::new(&m);
     let mut dev = device(dir.path());
     d.give_rx(4, RX_BUF);
-    let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-    host.write_all(b"CONNECT 9\n").unwrap();
-    let req = pump(&mut d, &mut dev, 1)[0].0;
+    let (mut host, got) = host_connects(&mut d, &mut dev, dir.path(), 9);
+    let req = got[0].0;
     d.send(guest(9, req.src_port, OP_RST), &[]);
     d.notify_tx(&mut dev);
     host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -2,8 +2,7 @@
 //! images: cold and warm prepare, what a box costs, boot to ready, and an in-guest
 //! workload, as a table and as JSON.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,25 +71,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// Bytes allocated under `path` (files, recursively; nothing across mounts).
-fn allocated(path: &Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let mut total = meta.blocks() * 512;
-    if meta.is_dir() {
-        if let Ok(entries) = std::fs::read_dir(path) {
-            for e in entries.flatten() {
-                let p = e.path();
-                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.dev() == meta.dev()) {
-                    total += allocated(&p);
-                }
-            }
-        }
-    }
-    total
 }
 
 /// Copy `reference`'s blobs and record from `from` into the store `to`.
@@ -210,7 +190,7 @@ async fn measure(
     row.box_create_ms = median(create);
     row.box_bytes = match &rootfs.strategy {
         boxlet::Strategy::Direct => 0,
-        _ => allocated(&home.box_dir(boxes[0].0)),
+        _ => boxlet::rootfs::allocated_bytes(&home.box_dir(boxes[0].0)),
     };
     if let Some(ctx) = ctx {
         boot_and_work(ctx, &rootfs, &mut row).await?;

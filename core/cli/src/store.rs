@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use boxlet::rootfs::Home;
 use boxlet_cas::Store;
 use clap::Subcommand;
 
@@ -49,7 +50,11 @@ pub enum Alg {
 
 /// Open the store at boxlet's home.
 pub fn open() -> Result<Store> {
-    let home = boxlet::rootfs::Home::from_env()?;
+    open_in(&Home::from_env()?)
+}
+
+/// Open the store of `home`.
+fn open_in(home: &Home) -> Result<Store> {
     Store::open(home.root())
         .with_context(|| format!("opening the store at {}", home.root().display()))
 }
@@ -71,7 +76,8 @@ pub fn human(bytes: u64) -> String {
 }
 
 pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
-    let store = open()?;
+    let home = Home::from_env()?;
+    let store = open_in(&home)?;
     match cmd {
         StoreCommand::Verify { json } => {
             let report = store.verify()?;
@@ -102,7 +108,6 @@ pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
         }
         StoreCommand::Gc { json } => {
             // Caches first: a base disk's record can hold a blob alive.
-            let home = boxlet::rootfs::Home::from_env()?;
             let c = boxlet::rootfs::collect_caches(&home, &store, &store)?;
             let r = store.gc()?;
             if json {

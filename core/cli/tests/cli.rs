@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod common;
+
 fn boxlet(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_boxlet"))
         .args(args)
@@ -90,19 +92,9 @@ fn write_reads_standard_input() {
     let dir = tempfile::TempDir::new().unwrap();
     let img = dir.path().join("a.qcow2");
     ok(&["qcow2", "create", img.to_str().unwrap(), "--size", "1M"]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_boxlet"))
-        .args(["qcow2", "write", img.to_str().unwrap(), "--offset", "64K"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"from stdin")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_boxlet"));
+    cmd.args(["qcow2", "write", img.to_str().unwrap(), "--offset", "64K"]);
+    assert!(common::with_stdin(cmd, b"from stdin").status.success());
     let out = dir.path().join("a.raw");
     ok(&[
         "qcow2",

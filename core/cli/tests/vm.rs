@@ -2,9 +2,10 @@
 //! overlay from `boxlet qcow2 create`, a boot on the QEMU backend, stdin in, output and
 //! the exit code out. Needs `make setup` (kernel, daemons) and BOXLET_AGENT.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+mod common;
 
 fn boxlet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_boxlet"))
@@ -57,22 +58,14 @@ fn vm_run_streams_stdin_and_output_and_exits_with_the_command_code() {
         "--backing-format",
         "raw",
     ]));
-    let mut child = boxlet()
-        .args(["vm", "run", "--disk"])
-        .arg(&disk)
-        .args(["--", "sh", "-c", "tr a-z A-Z; echo to-stderr >&2; exit 5"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"piped through the guest\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut cmd = boxlet();
+    cmd.args(["vm", "run", "--disk"]).arg(&disk).args([
+        "--",
+        "sh",
+        "-c",
+        "tr a-z A-Z; echo to-stderr >&2; exit 5",
+    ]);
+    let out = common::with_stdin(cmd, b"piped through the guest\n");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert_eq!(out.stdout, b"PIPED THROUGH THE GUEST\n");

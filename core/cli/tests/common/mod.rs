@@ -7,20 +7,20 @@ use std::process::{Command, Output, Stdio};
 
 /// Run `boxlet ARGS` with `BOXLET_HOME=home`, `stdin` on its standard input.
 pub fn boxlet(home: &Path, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_boxlet"))
-        .env("BOXLET_HOME", home)
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_boxlet"));
+    cmd.env("BOXLET_HOME", home).args(args);
+    with_stdin(cmd, stdin.as_bytes())
+}
+
+/// Run `cmd` with `stdin` on its standard input, its output collected.
+pub fn with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
     child.wait_with_output().unwrap()
 }
 

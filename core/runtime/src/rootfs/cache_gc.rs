@@ -19,7 +19,7 @@ use boxlet_oci::StoredImage;
 
 use crate::disk_store::DiskStore;
 use crate::rootfs::manager::referenced_bases;
-use crate::rootfs::{GuestRootfsManager, Home, RootfsError, GLOBAL_SOURCE};
+use crate::rootfs::{allocated_bytes, GuestRootfsManager, Home, RootfsError, GLOBAL_SOURCE};
 
 /// What [`collect_caches`] removed, and what it kept because it could not decide.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -138,7 +138,7 @@ pub fn collect_caches(
                 continue;
             }
             disks.delete(record.id)?;
-            report.bytes += allocated(&path);
+            report.bytes += allocated_bytes(&path);
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(RootfsError::io("removing", &path)(e))
@@ -192,37 +192,9 @@ fn discard_dir(dir: &Path, tmp: &Path) -> Result<u64, RootfsError> {
         .keep();
     let target = staged.join("entry");
     std::fs::rename(dir, &target).map_err(RootfsError::io("moving out of the cache", dir))?;
-    let bytes = allocated_tree(&target);
+    let bytes = allocated_bytes(&target);
     std::fs::remove_dir_all(&staged).map_err(RootfsError::io("removing", &staged))?;
     Ok(bytes)
-}
-
-fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path).map_or(0, |m| m.blocks() * 512)
-}
-
-/// Allocated bytes under `root` (hard links counted once).
-fn allocated_tree(root: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut seen = HashSet::new();
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(m) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if m.nlink() > 1 && !m.is_dir() && !seen.insert((m.dev(), m.ino())) {
-            continue;
-        }
-        total += m.blocks() * 512;
-        if m.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&p) {
-                stack.extend(entries.flatten().map(|e| e.path()));
-            }
-        }
-    }
-    total
 }
 
 impl GuestRootfsManager {

@@ -33,7 +33,7 @@ pub use fault::{PrepareHook, PrepareStep};
 pub use home::{Home, RuntimeLock};
 pub use manager::{AgentBinary, GuestRootfsManager, GLOBAL_SOURCE};
 pub use overlay::OverlayStrategy;
-pub use tree_copy::{copy_tree, TreeCopy};
+pub use tree_copy::{allocated_bytes, copy_tree, TreeCopy};
 
 use crate::vm::Root;
 

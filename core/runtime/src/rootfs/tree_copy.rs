@@ -2,7 +2,7 @@
 //! data copied), else a sparse copy; directories, symlinks, hard links, device nodes,
 //! owners, modes, times and extended attributes kept. The source is boxlet's own cache.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -161,4 +161,56 @@ fn copy_xattrs(src: &Path, dst: &Path) -> Result<(), RootfsError> {
             .map_err(|e| RootfsError::io("setting an xattr of", dst)(e.into()))?;
     }
     Ok(())
+}
+
+/// Bytes allocated to `path`: a file's blocks, or everything under a directory, on its
+/// file system only (nothing across mounts), hard links counted once. What cannot be read
+/// counts as nothing.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    let Ok(top) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.dev() != top.dev() || (m.nlink() > 1 && !m.is_dir() && !seen.insert(m.ino())) {
+            continue;
+        }
+        total += m.blocks() * 512;
+        if m.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocated_bytes_counts_a_tree_once_per_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, vec![7u8; 64 << 10]).unwrap();
+        let file = allocated_bytes(&a);
+        assert!(file >= 64 << 10, "{file}");
+        let tree = allocated_bytes(dir.path());
+        std::fs::hard_link(&a, dir.path().join("b")).unwrap();
+        assert_eq!(
+            allocated_bytes(dir.path()),
+            tree,
+            "a hard link adds nothing"
+        );
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/c"), vec![1u8; 64 << 10]).unwrap();
+        assert!(allocated_bytes(dir.path()) >= tree + file);
+        assert_eq!(allocated_bytes(&dir.path().join("missing")), 0);
+    }
 }
