@@ -436,6 +436,64 @@ fn bad_connect_lines_are_closed_without_reaching_the_guest() {
 }
 
 #[test]
+fn only_this_user_can_reach_the_guest_through_the_host_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let m = mem();
+    let mut d = Driver::new(&m);
+    let mut dev = device(dir.path());
+    d.give_rx(4, RX_BUF);
+    let sock = dir.path().join("v.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the socket is its owner's");
+    if !nix_is_root() {
+        eprintln!("skipped the other-user half: needs root to act as another user");
+        return;
+    }
+    // Even with the socket and its directory opened to everyone, another user's
+    // connection is refused by its credentials.
+    for p in [dir.path(), sock.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let mut other = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "perl", "-MIO::Socket::UNIX"])
+        .arg("-e")
+        .arg(
+            "$SIG{ALRM} = sub { print \"open\"; exit }; alarm 5; \
+             my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die \"connect: $!\\n\"; \
+             print $s \"CONNECT 5000\\n\"; my $b; print(sysread($s, $b, 8) ? \"open\" : \"closed\");",
+        )
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        dev.process_host(&mut d.queues, d.m);
+        got.extend(d.received());
+        if other.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = other.wait_with_output().unwrap();
+    assert!(
+        got.is_empty(),
+        "another user's CONNECT reached the guest: {got:?}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "closed");
+    assert_eq!(dev.connections(), 0);
+    // This user still gets through.
+    let (_host, got) = host_connects(&mut d, &mut dev, dir.path(), 5000);
+    assert_eq!(got.len(), 1, "{got:?}");
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
 fn a_request_to_a_port_nobody_listens_on_is_reset() {
     let dir = tempfile::tempdir().unwrap();
     let m = mem();

@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -171,6 +171,9 @@ struct Conn {
     guest_done_receiving: bool,
     /// The host socket's write side is shut down (after `guest_done_sending`).
     host_write_shut: bool,
+    /// A credit update for this connection waits in the pending queue: one is enough,
+    /// however often the guest asks (its fields are filled in when it is sent).
+    credit_update_queued: bool,
 }
 
 impl Conn {
@@ -190,6 +193,7 @@ impl Conn {
             guest_done_sending: false,
             guest_done_receiving: false,
             host_write_shut: false,
+            credit_update_queued: false,
         }
     }
 
@@ -282,6 +286,16 @@ impl std::fmt::Debug for Vsock {
     }
 }
 
+/// Whether the process at the other end of a host connection may use the guest: it runs
+/// as this process's user, or as root. Anything else (or a peer whose credentials cannot
+/// be read) is refused, whatever the socket file's mode let through.
+pub fn peer_may_connect(stream: &UnixStream) -> bool {
+    match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials) {
+        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
+        Err(_) => false,
+    }
+}
+
 fn edge(events: EventSet, fd: RawFd) -> EpollEvent {
     EpollEvent::new(events | EventSet::EDGE_TRIGGERED, fd as u64)
 }
@@ -308,6 +322,9 @@ impl Vsock {
         }
         let listener = UnixListener::bind(uds_path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", uds_path.display())))?;
+        // Whoever connects here runs commands in the guest: only this user (the run
+        // directory is private as well; accept checks the peer too).
+        std::fs::set_permissions(uds_path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         let fd = listener.as_raw_fd();
@@ -393,8 +410,23 @@ impl Vsock {
         }));
     }
 
+    /// Queue a packet for connection `key`. Each connection has at most one of each
+    /// kind waiting (a request, response or shutdown happens once in its life; credit
+    /// updates are merged), so the queue is bounded by the connection limit however a
+    /// guest floods it.
     fn queue_conn_packet(&mut self, key: Key, op: u16, flags: u32) {
+        if op == OP_CREDIT_UPDATE {
+            match self.conns.get_mut(&key) {
+                Some(c) if !c.credit_update_queued => c.credit_update_queued = true,
+                _ => return,
+            }
+        }
         self.pending.push_back(Pending::Conn(key, op, flags));
+    }
+
+    /// Packets waiting for receive buffers (for tests and logs).
+    pub fn pending_packets(&self) -> usize {
+        self.pending.len()
     }
 
     /// One packet from the guest.
@@ -474,13 +506,7 @@ impl Vsock {
         };
         let unannounced = c.fwd_cnt.wrapping_sub(c.fwd_cnt_sent);
         if unannounced >= BUF_ALLOC / 4 || (unannounced > 0 && c.to_host.is_empty()) {
-            let already = self
-                .pending
-                .iter()
-                .any(|p| matches!(p, Pending::Conn(k, OP_CREDIT_UPDATE, _) if *k == key));
-            if !already {
-                self.queue_conn_packet(key, OP_CREDIT_UPDATE, 0);
-            }
+            self.queue_conn_packet(key, OP_CREDIT_UPDATE, 0);
         }
     }
 
@@ -516,6 +542,12 @@ impl Vsock {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return, // WouldBlock, or a resource limit: try at the next edge
             };
+            if !peer_may_connect(&stream) {
+                self.complaints.log(format_args!(
+                    "a host connection from another user was refused"
+                ));
+                continue;
+            }
             if self.conns.len() + self.accepting.len() >= MAX_CONNECTIONS
                 || stream.set_nonblocking(true).is_err()
             {
@@ -712,9 +744,11 @@ impl Vsock {
         }
     }
 
-    /// The header of a packet on connection `key` (credit fields current).
-    fn conn_header(&self, key: Key, op: u16, flags: u32, len: u32) -> Option<Header> {
-        let c = self.conns.get(&key)?;
+    /// The header of a packet on connection `key` (credit fields current, and from now
+    /// on known to the guest).
+    fn conn_header(&mut self, key: Key, op: u16, flags: u32, len: u32) -> Option<Header> {
+        let c = self.conns.get_mut(&key)?;
+        c.fwd_cnt_sent = c.fwd_cnt;
         Some(Header {
             src_cid: HOST_CID,
             dst_cid: self.cid,
@@ -738,6 +772,11 @@ impl Vsock {
                     return Some((h, Vec::new()));
                 }
                 Pending::Conn(key, op, flags) => {
+                    if op == OP_CREDIT_UPDATE {
+                        if let Some(c) = self.conns.get_mut(&key) {
+                            c.credit_update_queued = false;
+                        }
+                    }
                     if let Some(h) = self.conn_header(key, op, flags, 0) {
                         return Some((h, Vec::new()));
                     }
@@ -954,5 +993,36 @@ mod tests {
         assert_eq!(c.peer_credit(), 400);
         c.rx_cnt = c.rx_cnt.wrapping_add(500); // a peer that lies about its fwd_cnt
         assert_eq!(c.peer_credit(), 0);
+    }
+
+    #[test]
+    fn a_flood_of_credit_requests_queues_one_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dev = Vsock::new(3, &dir.path().join("v.sock")).unwrap();
+        let (a, _b) = UnixStream::pair().unwrap();
+        let guest = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 80,
+            dst_port: 8,
+            type_: TYPE_STREAM,
+            op: OP_CREDIT_REQUEST,
+            buf_alloc: 1 << 20,
+            ..Default::default()
+        };
+        dev.conns
+            .insert((8, 80), Conn::new(a, State::Established, &guest));
+        // No receive buffers: nothing leaves the queue while the guest keeps asking.
+        for _ in 0..100_000 {
+            dev.handle(guest, &[]);
+        }
+        assert_eq!(dev.pending_packets(), 1);
+        // Once sent, the next request queues a reply again.
+        let (h, _) = dev.next_packet(0).unwrap();
+        assert_eq!((h.op, h.dst_port), (OP_CREDIT_UPDATE, 80));
+        assert_eq!(dev.pending_packets(), 0);
+        dev.handle(guest, &[]);
+        dev.handle(guest, &[]);
+        assert_eq!(dev.pending_packets(), 1);
     }
 }
