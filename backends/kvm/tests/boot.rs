@@ -138,6 +138,7 @@ async fn a_share_of_a_missing_directory_is_refused_by_name() {
         host_path: missing.clone(),
         read_only: true,
         exclusive: false,
+        ids: boxlet::ShareIds::Host,
     });
     let e = hv.create(s).await.unwrap_err().to_string();
     assert!(e.contains("virtiofsd"), "{e}");

@@ -58,9 +58,10 @@ fn daemon(dir: &Path, run: &Path) -> Daemon {
         host_path: dir.to_path_buf(),
         read_only: false,
         exclusive: false,
+        ids: boxlet::ShareIds::Host,
     };
     let child = rt.block_on(async {
-        let cmd = virtiofsd_command(&virtiofsd(), &share, &socket);
+        let cmd = virtiofsd_command(&virtiofsd(), &share, &socket, (0, 0));
         start_daemon(
             "test",
             "virtiofsd",

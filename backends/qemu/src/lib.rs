@@ -3,8 +3,9 @@
 //! Disks go through QEMU's own raw/qcow2 drivers (virtio-blk on virtio-mmio), directory
 //! shares through vhost-user-fs and `virtiofsd`, vsock through vhost-user-vsock and
 //! `vhost-device-vsock` (Firecracker's host convention). Guest memory is a shared memfd,
-//! as vhost-user needs. KVM accelerates where this host's KVM can boot Linux; elsewhere
-//! QEMU emulates (TCG), which works everywhere and costs tens of times the speed.
+//! as vhost-user needs. KVM accelerates where this host's KVM can boot Linux; QEMU's
+//! software emulation (TCG) is used only when asked for ([`AccelPolicy::Tcg`]): it works
+//! everywhere, costs tens of times the speed, and is a weaker boundary.
 //!
 //! Every process a VM starts (QEMU and its daemons) is owned by its VM handle: killed
 //! when the VM ends or the handle is dropped, and killed by the kernel if this process
@@ -17,7 +18,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use boxlet::hypervisor::{
-    Acceleration, Capabilities, DiskFormat, Hypervisor, HypervisorError, Vm, VmExit, VmSpec,
+    AccelPolicy, Acceleration, Capabilities, DiskFormat, Hypervisor, HypervisorError, Vm, VmExit,
+    VmSpec,
 };
 use boxlet::process::{
     classify, find_program, owned, start_daemon, start_virtiofsds, wait_or_stop, MonitoredVm,
@@ -40,30 +42,24 @@ pub struct Qemu {
 ///
 /// `/dev/kvm` must exist and be a hardware KVM module (kvm_intel or kvm_amd). A software
 /// hypervisor behind /dev/kvm (kvm_pvm) runs tiny guests but fails on ordinary kernel
-/// instructions (xrstor, cmpxchg16b, int3), so it does not count. `BOXLET_QEMU_ACCEL`
-/// (`kvm` or `tcg`) overrides the probe.
-pub fn probe_acceleration() -> (Acceleration, String) {
-    match std::env::var("BOXLET_QEMU_ACCEL").as_deref() {
-        Ok("kvm") => return (Acceleration::Kvm, "BOXLET_QEMU_ACCEL=kvm".into()),
-        Ok("tcg") => return (Acceleration::Tcg, "BOXLET_QEMU_ACCEL=tcg".into()),
-        _ => {}
-    }
+/// instructions (xrstor, cmpxchg16b, int3), so it does not count.
+pub fn probe_kvm() -> (bool, String) {
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .is_err()
     {
-        return (Acceleration::Tcg, "no usable /dev/kvm".into());
+        return (false, "no usable /dev/kvm".into());
     }
     for m in ["kvm_intel", "kvm_amd"] {
         if Path::new("/sys/module").join(m).exists() {
-            return (Acceleration::Kvm, format!("/dev/kvm is {m}"));
+            return (true, format!("/dev/kvm is {m}"));
         }
     }
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     (
-        Acceleration::Tcg,
+        false,
         if pvm {
             "/dev/kvm is kvm_pvm, a software hypervisor that cannot boot Linux".into()
         } else {
@@ -72,15 +68,40 @@ pub fn probe_acceleration() -> (Acceleration, String) {
     )
 }
 
+/// The acceleration `policy` gets on a host where KVM is usable or not (`why`): KVM
+/// wherever it is there, TCG only where it is not and the policy allows it, else an
+/// error saying why and naming `--accel tcg`.
+pub fn choose_acceleration(
+    policy: AccelPolicy,
+    kvm: (bool, String),
+) -> Result<(Acceleration, String), HypervisorError> {
+    let (usable, why) = kvm;
+    match policy {
+        _ if usable => Ok((Acceleration::Kvm, why)),
+        AccelPolicy::Tcg => Ok((Acceleration::Tcg, format!("{why}; --accel tcg"))),
+        AccelPolicy::Auto | AccelPolicy::Kvm => Err(HypervisorError::Unavailable {
+            backend: NAME,
+            reason: format!("no hardware acceleration ({why})"),
+            alternative: AccelPolicy::SOFTWARE_HINT.into(),
+        }),
+    }
+}
+
 impl Qemu {
-    /// Find QEMU and the vhost-user daemons, and probe for KVM.
+    /// Find QEMU and the vhost-user daemons, with the acceleration `$BOXLET_ACCEL` allows
+    /// (hardware only unless it says `tcg`).
     pub fn new() -> Result<Self, HypervisorError> {
+        Self::with_accel(AccelPolicy::from_env()?)
+    }
+
+    /// As [`Qemu::new`], with the acceleration policy given.
+    pub fn with_accel(policy: AccelPolicy) -> Result<Self, HypervisorError> {
+        let (accel, why) = choose_acceleration(policy, probe_kvm())?;
         let qemu = find_program("qemu-system-x86_64").ok_or(HypervisorError::MissingProgram {
             backend: NAME,
             program: "qemu-system-x86_64".into(),
             hint: "apt-get install qemu-system-x86".into(),
         })?;
-        let (accel, why) = probe_acceleration();
         Ok(Self {
             qemu,
             vsock_daemon: find_program("vhost-device-vsock"),
@@ -100,8 +121,9 @@ impl Qemu {
         if self.accel == Acceleration::Tcg {
             ONCE.call_once(|| {
                 tracing::warn!(
-                    "qemu: no KVM ({}): guests run under TCG software emulation, tens of \
-                     times slower (a boot takes seconds, not milliseconds)",
+                    "qemu: guests run under TCG software emulation ({}): a weaker boundary \
+                     than a hardware VM (the emulator is the guest's attack surface), and \
+                     tens of times slower",
                     self.why
                 );
             });
@@ -305,6 +327,32 @@ mod tests {
     use boxlet::hypervisor::{DiskSpec, ShareSpec, VsockSpec};
 
     #[test]
+    fn software_emulation_only_when_asked_for() {
+        let none = || (false, "/dev/kvm is kvm_pvm".to_string());
+        let kvm = || (true, "/dev/kvm is kvm_amd".to_string());
+        for policy in [AccelPolicy::Auto, AccelPolicy::Kvm] {
+            let e = choose_acceleration(policy, none()).unwrap_err().to_string();
+            assert!(e.contains("kvm_pvm") && e.contains("--accel tcg"), "{e}");
+            assert!(e.contains("weaker boundary"), "{e}");
+            assert_eq!(
+                choose_acceleration(policy, kvm()).unwrap().0,
+                Acceleration::Kvm
+            );
+        }
+        // tcg allows software emulation; hardware is still taken where it is there.
+        assert_eq!(
+            choose_acceleration(AccelPolicy::Tcg, none()).unwrap().0,
+            Acceleration::Tcg
+        );
+        assert_eq!(
+            choose_acceleration(AccelPolicy::Tcg, kvm()).unwrap().0,
+            Acceleration::Kvm
+        );
+        assert!("hvf2".parse::<AccelPolicy>().is_err());
+        assert_eq!("tcg".parse::<AccelPolicy>().unwrap(), AccelPolicy::Tcg);
+    }
+
+    #[test]
     fn command_line_has_every_device() {
         let q = Qemu {
             qemu: "/usr/bin/qemu-system-x86_64".into(),
@@ -337,6 +385,7 @@ mod tests {
                 host_path: "/srv".into(),
                 read_only: false,
                 exclusive: false,
+                ids: boxlet::ShareIds::Host,
             }],
             vsock: Some(VsockSpec {
                 cid: 3,

@@ -12,7 +12,7 @@ use boxlet::rootfs::{
     AgentBinary, DirectStrategy, DiskStrategy, ExtractedStrategy, GuestRootfs, Home,
     OverlayStrategy, PrepareRequest,
 };
-use boxlet::{boot, BootSpec, Exec, Root, RootfsStrategy};
+use boxlet::{boot, AccelPolicy, BootSpec, Exec, Root, RootfsStrategy};
 use boxlet_cas::{BoxId, Store};
 use clap::{Args, Subcommand};
 
@@ -35,6 +35,10 @@ pub struct StrategiesArgs {
     /// The VMM backend for the boots.
     #[arg(long, value_enum, default_value = "auto")]
     backend: Backend,
+    /// Acceleration: auto (hardware, else an error), kvm, or tcg (hardware where there
+    /// is any, else software emulation: a weaker boundary, used only when asked for).
+    #[arg(long, env = "BOXLET_ACCEL", default_value = "auto")]
+    accel: AccelPolicy,
     /// Prepare only: no boots, no workload.
     #[arg(long)]
     no_boot: bool,
@@ -228,7 +232,7 @@ async fn strategies(a: StrategiesArgs) -> Result<()> {
         None
     } else {
         Some(Ctx {
-            hv: crate::vm::backend(a.backend, true)?,
+            hv: crate::vm::backend(a.backend, a.accel, true)?,
             kernel: crate::kernel::resolve(None)?,
             agent: agent.clone(),
         })

@@ -12,7 +12,7 @@ use boxlet::rootfs::{
     AgentBinary, DiskStrategy, ExtractedStrategy, GuestRootfs, Home, OverlayStrategy,
     PrepareRequest, RuntimeLock,
 };
-use boxlet::{boot, BootSpec, Exec, Root, RootfsStrategy};
+use boxlet::{boot, AccelPolicy, BootSpec, Exec, Root, RootfsStrategy};
 use boxlet_cas::{unix_now, BoxId, BoxRecord, BoxState, Store};
 use boxlet_oci::StoredImage;
 use clap::{Args, ValueEnum};
@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// The VMM backend.
     #[arg(long, value_enum, default_value = "auto")]
     backend: Backend,
+    /// Acceleration: auto (hardware, else an error), kvm, or tcg (hardware where there
+    /// is any, else software emulation: a weaker boundary, used only when asked for).
+    #[arg(long, env = "BOXLET_ACCEL", default_value = "auto")]
+    accel: AccelPolicy,
     /// Guest kernel (default: $BOXLET_KERNEL, else the one `boxlet kernel build` made).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -127,7 +131,7 @@ async fn run_box(a: RunArgs) -> Result<i32> {
         id,
         name: None,
         image: Some(image.record.reference.clone()),
-        config: serde_json::json!({ "strategy": strategy.name(), "cmd": cmd }),
+        config: serde_json::json!({ "strategy": strategy.name(), "cmd": cmd, "accel": a.accel }),
         state: BoxState::Created,
         blobs: image.record.blobs().copied().collect(),
         created_at: unix_now(),
@@ -161,7 +165,7 @@ async fn boot_and_attach(
 ) -> Result<i32> {
     let root = rootfs.root();
     let dir_root = matches!(root, Root::Dir { .. });
-    let hv = backend(a.backend, dir_root)?;
+    let hv = backend(a.backend, a.accel, dir_root)?;
     let mut spec = BootSpec::new("boxlet", crate::kernel::resolve(a.kernel.clone())?, root);
     if dir_root {
         spec.agent = Some(crate::agent::find()?);

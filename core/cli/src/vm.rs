@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use boxlet::{boot, BootSpec, Exec, ExecEvent, Hypervisor, Root, RunningVm};
+use boxlet::{boot, AccelPolicy, BootSpec, Exec, ExecEvent, Hypervisor, Root, RunningVm};
 use clap::{Args, Subcommand, ValueEnum};
 use tokio::io::AsyncReadExt;
 
@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// The VMM backend.
     #[arg(long, value_enum, default_value = "auto")]
     backend: Backend,
+    /// Acceleration: auto (hardware, else an error), kvm, or tcg (hardware where there
+    /// is any, else software emulation: a weaker boundary, used only when asked for).
+    #[arg(long, env = "BOXLET_ACCEL", default_value = "auto")]
+    accel: AccelPolicy,
     /// Guest kernel (default: $BOXLET_KERNEL, else the cached build).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -59,6 +63,10 @@ pub struct RunArgs {
     /// The VMM backend.
     #[arg(long, value_enum, default_value = "auto")]
     backend: Backend,
+    /// Acceleration: auto (hardware, else an error), kvm, or tcg (hardware where there
+    /// is any, else software emulation: a weaker boundary, used only when asked for).
+    #[arg(long, env = "BOXLET_ACCEL", default_value = "auto")]
+    accel: AccelPolicy,
     /// Guest kernel (default: $BOXLET_KERNEL, else the one `boxlet kernel build` made).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -119,20 +127,21 @@ pub fn run(cmd: VmCommand) -> Result<ExitCode> {
 }
 
 /// The backend to use. `auto` takes boxlet's own VMM when this host's KVM passes the
-/// probe (and, for a VM with a directory share, `virtiofsd` is installed), else QEMU.
-pub(crate) fn backend(b: Backend, shares: bool) -> Result<Box<dyn Hypervisor>> {
+/// probe (and, for a VM with a directory share, `virtiofsd` is installed), else QEMU,
+/// which falls back to software emulation only when `accel` allows it.
+pub(crate) fn backend(b: Backend, accel: AccelPolicy, shares: bool) -> Result<Box<dyn Hypervisor>> {
     match b {
-        Backend::Qemu => Ok(Box::new(boxlet_qemu::Qemu::new()?)),
+        Backend::Qemu => Ok(Box::new(boxlet_qemu::Qemu::with_accel(accel)?)),
         Backend::Kvm => Ok(Box::new(boxlet_kvm::KvmBackend::new()?)),
         Backend::Auto => match boxlet_kvm::KvmBackend::new() {
             Ok(k) if !shares || k.capabilities().directory_shares => Ok(Box::new(k)),
-            _ => Ok(Box::new(boxlet_qemu::Qemu::new()?)),
+            _ => Ok(Box::new(boxlet_qemu::Qemu::with_accel(accel)?)),
         },
     }
 }
 
 async fn run_cmd(a: RunArgs) -> Result<i32> {
-    let hv = backend(a.backend, a.fs.is_some())?;
+    let hv = backend(a.backend, a.accel, a.fs.is_some())?;
     let kernel = crate::kernel::resolve(a.kernel.clone())?;
     let (root, agent) = match (&a.disk, &a.fs) {
         (Some(d), _) => {
@@ -160,6 +169,7 @@ async fn run_cmd(a: RunArgs) -> Result<i32> {
                 Root::Dir {
                     path: dir.clone(),
                     exclusive: false,
+                    ids: boxlet::ShareIds::Host,
                 },
                 Some(crate::agent::find()?),
             )
@@ -317,7 +327,7 @@ fn kernel_image_rss(smaps: &std::path::Path) -> u64 {
 }
 
 async fn bench(a: BenchArgs) -> Result<()> {
-    let hv = backend(a.backend, a.fs.is_some())?;
+    let hv = backend(a.backend, a.accel, a.fs.is_some())?;
     let kernel = crate::kernel::resolve(a.kernel.clone())?;
     let accel = hv.capabilities().acceleration;
     if a.runs == 0 || a.execs == 0 {
@@ -333,6 +343,7 @@ async fn bench(a: BenchArgs) -> Result<()> {
             (Some(dir), _) => Root::Dir {
                 path: dir.clone(),
                 exclusive: false,
+                ids: boxlet::ShareIds::Host,
             },
             (None, Some(disk)) => Root::Disk {
                 path: disk.clone(),
@@ -389,6 +400,7 @@ async fn bench(a: BenchArgs) -> Result<()> {
                     host_path: root_dir.clone(),
                     read_only: true,
                     exclusive: false,
+                    ids: boxlet::ShareIds::Host,
                 }],
             ),
             (None, Some(disk)) => (

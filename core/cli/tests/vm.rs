@@ -124,3 +124,52 @@ fn vm_run_refuses_bad_input_with_one_line() {
         assert_eq!(e.lines().count(), 1, "{e}");
     }
 }
+
+#[test]
+fn software_emulation_is_used_only_when_asked_for() {
+    let hardware = ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| std::path::Path::new("/sys/module").join(m).exists());
+    let args = [
+        "vm",
+        "run",
+        "--backend",
+        "qemu",
+        "--disk",
+        "/no/such.img",
+        "--",
+        "true",
+    ];
+    for how in [("BOXLET_ACCEL", "auto"), ("BOXLET_ACCEL", "kvm")] {
+        let out = boxlet().env(how.0, how.1).args(args).output().unwrap();
+        assert!(!out.status.success());
+        let e = String::from_utf8_lossy(&out.stderr);
+        if hardware {
+            assert!(e.contains("/no/such.img"), "{e}");
+        } else {
+            // No silent fall back to TCG: the reason, and how to ask for emulation.
+            assert!(e.contains("no hardware acceleration"), "{e}");
+            assert!(
+                e.contains("--accel tcg") && e.contains("weaker boundary"),
+                "{e}"
+            );
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
+    // The option overrides the environment; tcg gets as far as the disk.
+    let out = boxlet()
+        .env("BOXLET_ACCEL", "auto")
+        .args(["vm", "run", "--accel", "tcg"])
+        .args(&args[2..])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("/no/such.img"), "{e}");
+    let out = boxlet()
+        .args(["vm", "run", "--accel", "fast"])
+        .args(&args[2..])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("fast"), "{e}");
+}

@@ -44,6 +44,11 @@ pub enum AgentError {
     },
 }
 
+/// The agent's own account of a failure, as guest text: made printable, on one line.
+fn failed(f: Failure) -> AgentError {
+    AgentError::Failed(crate::console::printable(&f.message, false))
+}
+
 fn io_err(e: io::Error) -> AgentError {
     AgentError::Protocol(ProtocolError::Io(e))
 }
@@ -123,7 +128,7 @@ impl Conn {
         let f = self.expect().await?;
         match f.kind {
             Kind::Done => Ok(f.parse()?),
-            Kind::Error => Err(AgentError::Failed(f.parse::<Failure>()?.message)),
+            Kind::Error => Err(failed(f.parse::<Failure>()?)),
             k => Err(ProtocolError::Unexpected(k).into()),
         }
     }
@@ -239,7 +244,7 @@ async fn next_event(r: &mut BufReader<OwnedReadHalf>) -> Result<ExecEvent, Agent
         Kind::Stdout => ExecEvent::Stdout(f.payload),
         Kind::Stderr => ExecEvent::Stderr(f.payload),
         Kind::Exit => ExecEvent::Exit(f.parse()?),
-        Kind::Error => return Err(AgentError::Failed(f.parse::<Failure>()?.message)),
+        Kind::Error => return Err(failed(f.parse::<Failure>()?)),
         k => return Err(ProtocolError::Unexpected(k).into()),
     })
 }
@@ -428,7 +433,7 @@ impl AgentClient {
                     finished: false,
                 })
             }
-            Kind::Error => Err(AgentError::Failed(f.parse::<Failure>()?.message)),
+            Kind::Error => Err(failed(f.parse::<Failure>()?)),
             k => Err(ProtocolError::Unexpected(k).into()),
         }
     }
@@ -593,7 +598,7 @@ impl AgentClient {
                         }
                     }
                     Kind::DataEof => break,
-                    Kind::Error => return Err(AgentError::Failed(f.parse::<Failure>()?.message)),
+                    Kind::Error => return Err(failed(f.parse::<Failure>()?)),
                     k => return Err(ProtocolError::Unexpected(k).into()),
                 }
             }

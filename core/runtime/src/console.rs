@@ -66,7 +66,29 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
     }
     let text = String::from_utf8_lossy(&text);
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    printable(&all[all.len().saturating_sub(lines)..].join("\n"), true)
+}
+
+/// Guest text made safe to show on the host's terminal or in a log: control characters
+/// (C0 but tab and, when `newlines`, newline; DEL; C1) and the Unicode controls that
+/// reorder or break lines are written as escapes, so a guest cannot move the cursor,
+/// retitle the window, rewrite the screen or forge log lines with them.
+pub fn printable(text: &str, newlines: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for ch in text.chars() {
+        let unsafe_char = match ch {
+            '\t' => false,
+            '\n' => !newlines,
+            '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}' => true,
+            c => c.is_control(),
+        };
+        if unsafe_char {
+            out.extend(ch.escape_unicode());
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -93,5 +115,31 @@ mod tests {
         )
         .await;
         assert_eq!(std::fs::read(&path).unwrap(), &data[..500]);
+    }
+
+    #[test]
+    fn guest_text_cannot_drive_the_terminal() {
+        let hostile = "ok\tdone\n\x1b]0;pwned\x07\x1b[2J\r\u{9b}31m\u{202e}txt.exe\x7f";
+        let shown = printable(hostile, true);
+        assert!(shown.starts_with("ok\tdone\n"), "{shown}");
+        assert!(
+            !shown
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{shown:?}"
+        );
+        assert!(!shown.contains('\u{202e}'));
+        assert!(shown.contains("\\u{1b}]0;pwned\\u{7}"), "{shown}");
+        // On one line, a newline cannot forge another.
+        assert_eq!(printable("a\nb", false), "a\\u{a}b");
+    }
+
+    #[test]
+    fn a_console_tail_is_printable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, b"boot\n\x1b[31mKernel panic\x1b[0m\n").unwrap();
+        let tail = console_tail(&path, 5);
+        assert_eq!(tail, "boot\n\\u{1b}[31mKernel panic\\u{1b}[0m");
     }
 }

@@ -60,6 +60,27 @@ pub struct ShareSpec {
     /// `--cache=always`; else `auto`, which revalidates after a second).
     #[serde(default)]
     pub exclusive: bool,
+    /// Whose ids the files carry on the host (and so how the file server translates
+    /// them for the guest).
+    #[serde(default)]
+    pub ids: ShareIds,
+}
+
+/// Whose ids the files of a shared directory carry on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ShareIds {
+    /// A directory of the host's (a user's): host ids are shown as they are, and what the
+    /// guest creates or chowns belongs to the directory's owner (unless that is root).
+    #[default]
+    Host,
+    /// A tree boxlet stored shifted (image id `n` as host id `base + n`, for 65536 ids):
+    /// the guest sees the image's ids, and its own files land in the same range, where
+    /// no host process runs.
+    Shifted {
+        /// The host id of guest id 0.
+        base: u32,
+    },
 }
 
 /// Host side of the guest's vsock device, in Firecracker's convention: a guest
@@ -118,6 +139,65 @@ impl fmt::Display for Acceleration {
             Self::Kvm => "kvm",
             Self::Hvf => "hvf",
             Self::Tcg => "tcg (software emulation)",
+        })
+    }
+}
+
+/// What acceleration a caller accepts (`--accel`, `BOXLET_ACCEL`). A hardware VM is the
+/// boundary boxlet promises; software emulation is a weaker one (the emulator itself is
+/// the guest's attack surface, and it runs tens of times slower), so it is used only when
+/// asked for, never as a silent fallback.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelPolicy {
+    /// Hardware acceleration (KVM, or HVF on macOS), or an error naming `--accel tcg`.
+    #[default]
+    Auto,
+    /// KVM, or an error.
+    Kvm,
+    /// Hardware acceleration where there is any, else software emulation (QEMU's TCG).
+    Tcg,
+}
+
+impl AccelPolicy {
+    /// The environment variable that sets the policy when no option does.
+    pub const ENV: &'static str = "BOXLET_ACCEL";
+
+    /// `$BOXLET_ACCEL`, else [`AccelPolicy::Auto`]; a value that is not a policy is an
+    /// error naming it.
+    pub fn from_env() -> Result<Self, HypervisorError> {
+        match std::env::var(Self::ENV) {
+            Ok(v) if !v.is_empty() => v.parse(),
+            _ => Ok(Self::Auto),
+        }
+    }
+
+    /// What to tell a user whose host has no hardware acceleration.
+    pub const SOFTWARE_HINT: &'static str = "pass --accel tcg (or set BOXLET_ACCEL=tcg) to run          guests under software emulation: slower, and a weaker boundary than a hardware VM";
+}
+
+impl std::str::FromStr for AccelPolicy {
+    type Err = HypervisorError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(HypervisorError::Unsupported {
+                backend: "boxlet",
+                what: format!("acceleration {other:?} (choose auto, kvm or tcg)"),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for AccelPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
         })
     }
 }

@@ -23,8 +23,8 @@ pub use agent::{AgentClient, AgentError, Connector, ExecEvent, ExecSession, Outp
 pub use boxlet_guest::proto::{Exec, ExitStatus, Setup};
 pub use disk_store::{DiskStore, DiskStoreError, MemoryDiskStore};
 pub use hypervisor::{
-    Acceleration, Capabilities, DiskFormat, DiskSpec, Hypervisor, HypervisorError, ShareSpec, Vm,
-    VmExit, VmSpec, VsockSpec,
+    AccelPolicy, Acceleration, Capabilities, DiskFormat, DiskSpec, Hypervisor, HypervisorError,
+    ShareIds, ShareSpec, Vm, VmExit, VmSpec, VsockSpec,
 };
 pub use rootfs::{GuestRootfs, RootfsError, RootfsStrategy, Strategy};
 pub use vm::{boot, BootError, BootSpec, Root, RunningVm};

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::hypervisor::{HypervisorError, ShareSpec, Vm, VmExit, VmSpec};
+use std::os::unix::fs::MetadataExt;
+
+use crate::hypervisor::{HypervisorError, ShareIds, ShareSpec, Vm, VmExit, VmSpec};
 
 /// `name` in `PATH`, in `~/.cargo/bin`, or as `/usr/libexec/name`.
 pub fn find_program(name: &str) -> Option<PathBuf> {
@@ -40,10 +42,58 @@ pub fn virtiofsd_log(run_dir: &Path, index: usize) -> PathBuf {
     run_dir.join(format!("virtiofsd{index}.log"))
 }
 
+/// Host directories a guest is never given: the host's root and its system trees (and
+/// anything inside the ones the host runs from).
+const SYSTEM_DIRS: [&str; 13] = [
+    "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev",
+    "/proc", "/sys", "/run",
+];
+/// Directories that hold other users' or the system's data: refused themselves (a
+/// directory inside them is fine).
+const SYSTEM_PARENTS: [&str; 10] = [
+    "/", "/var", "/home", "/root", "/opt", "/srv", "/tmp", "/mnt", "/media", "/var/lib",
+];
+
+/// The directory `path` resolves to, if a guest may be given it: not the host's root,
+/// a system directory or one inside it, or a directory that holds other users' homes.
+pub fn check_share_path(path: &Path) -> Result<PathBuf, String> {
+    let real = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
+    if !real.is_dir() {
+        return Err("not a directory".into());
+    }
+    if let Some(sys) = SYSTEM_DIRS.iter().find(|d| real.starts_with(d)) {
+        return Err(format!(
+            "{} is in the host's system directory {sys}: a guest may not be given it",
+            real.display()
+        ));
+    }
+    if SYSTEM_PARENTS.iter().any(|d| real == Path::new(d)) {
+        return Err(format!(
+            "{} holds the host's or other users' files: share a directory inside it",
+            real.display()
+        ));
+    }
+    Ok(real)
+}
+
+/// The xattr mapping of every share: each name the guest uses is stored under
+/// `user.virtiofs.` on the host, where it means nothing to the host kernel (no file
+/// capabilities, no overlayfs or SELinux attributes); host attributes without the
+/// prefix are invisible to the guest.
+pub const XATTR_MAP: &str = ":map::user.virtiofs.:";
+
 /// A `virtiofsd` serving `share` on `socket`: chrooted into the shared directory, file
-/// handles off (they need CAP_DAC_READ_SEARCH on the host), extended attributes on,
-/// read-only when the share is, caching everything when the share is exclusive.
-pub fn virtiofsd_command(program: &Path, share: &ShareSpec, socket: &Path) -> Command {
+/// handles off (they need CAP_DAC_READ_SEARCH on the host), extended attributes on but
+/// mapped ([`XATTR_MAP`]), without CAP_MKNOD and CAP_SETFCAP (a guest makes no device
+/// node on the host), guest ids translated by [`ShareSpec::ids`] (`owner` is the
+/// directory's owner, for [`ShareIds::Host`]), read-only when the share is, caching
+/// everything when the share is exclusive.
+pub fn virtiofsd_command(
+    program: &Path,
+    share: &ShareSpec,
+    socket: &Path,
+    owner: (u32, u32),
+) -> Command {
     let mut cmd = owned(program);
     cmd.arg(format!("--socket-path={}", socket.display()))
         .arg(format!("--shared-dir={}", share.host_path.display()))
@@ -53,7 +103,27 @@ pub fn virtiofsd_command(program: &Path, share: &ShareSpec, socket: &Path) -> Co
             "--cache=auto"
         })
         .args(["--sandbox=chroot", "--announce-submounts"])
-        .args(["--inode-file-handles=never", "--xattr"]);
+        .args(["--inode-file-handles=never", "--xattr"])
+        .arg(format!("--xattrmap={XATTR_MAP}"))
+        .arg("--modcaps=-mknod:-setfcap");
+    match share.ids {
+        ShareIds::Shifted { base } => {
+            cmd.arg(format!("--translate-uid=map:0:{base}:65536"))
+                .arg(format!("--translate-gid=map:0:{base}:65536"));
+        }
+        // What the guest makes is the owner's, whoever it is in the guest.
+        ShareIds::Host if owner.0 != 0 => {
+            cmd.arg(format!(
+                "--translate-uid=squash-guest:0:{}:4294967295",
+                owner.0
+            ))
+            .arg(format!(
+                "--translate-gid=squash-guest:0:{}:4294967295",
+                owner.1
+            ));
+        }
+        ShareIds::Host => {}
+    }
     if share.read_only {
         cmd.arg("--readonly");
     }
@@ -62,7 +132,8 @@ pub fn virtiofsd_command(program: &Path, share: &ShareSpec, socket: &Path) -> Co
 
 /// One `virtiofsd` (found at `program`, if it was) per share of `spec`, each listening on
 /// its [`virtiofs_socket`] before this returns, its stderr in its [`virtiofsd_log`].
-/// Returns the daemons (killed when dropped) with their sockets.
+/// A share of a system directory ([`check_share_path`]) is refused. Returns the daemons
+/// (killed when dropped) with their sockets.
 pub async fn start_virtiofsds(
     backend: &'static str,
     program: Option<&Path>,
@@ -75,9 +146,23 @@ pub async fn start_virtiofsds(
             program: "virtiofsd".into(),
             hint: VIRTIOFSD_HINT.into(),
         })?;
+        let refused = |reason: String| HypervisorError::Start {
+            backend,
+            what: "virtiofsd".into(),
+            msg: format!(
+                "sharing {} with the guest: {reason}",
+                share.host_path.display()
+            ),
+        };
+        let dir = check_share_path(&share.host_path).map_err(refused)?;
+        let meta = std::fs::metadata(&dir).map_err(|e| refused(e.to_string()))?;
+        let share = ShareSpec {
+            host_path: dir,
+            ..share.clone()
+        };
         let socket = virtiofs_socket(&spec.run_dir, i);
         let log = virtiofsd_log(&spec.run_dir, i);
-        let cmd = virtiofsd_command(program, share, &socket);
+        let cmd = virtiofsd_command(program, &share, &socket, (meta.uid(), meta.gid()));
         daemons.push((
             start_daemon(backend, "virtiofsd", cmd, &socket, &log).await?,
             socket,
@@ -201,7 +286,10 @@ pub fn classify(
         (None, Some(s)) => format!("{program} killed by signal {s}"),
         _ => format!("{program} ended"),
     };
-    VmExit::VmmFailed(format!("{how}: {}", stderr.trim()))
+    VmExit::VmmFailed(format!(
+        "{how}: {}",
+        crate::console::printable(stderr.trim(), true)
+    ))
 }
 
 /// A VM whose life a monitor task owns: the task receives stop requests (grace
@@ -268,33 +356,99 @@ impl Drop for MonitoredVm {
 mod tests {
     use super::*;
 
+    fn args(share: &ShareSpec, owner: (u32, u32)) -> Vec<String> {
+        let cmd = virtiofsd_command(Path::new("virtiofsd"), share, Path::new("/run/s"), owner);
+        cmd.as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn share(exclusive: bool, read_only: bool, ids: ShareIds) -> ShareSpec {
+        ShareSpec {
+            tag: "rootfs".into(),
+            host_path: "/srv/box".into(),
+            read_only,
+            exclusive,
+            ids,
+        }
+    }
+
     #[test]
     fn only_an_exclusive_share_lets_the_guest_cache_everything() {
-        let args = |exclusive: bool, read_only: bool| -> Vec<String> {
-            let share = ShareSpec {
-                tag: "rootfs".into(),
-                host_path: "/srv/box".into(),
-                read_only,
-                exclusive,
-            };
-            let cmd = virtiofsd_command(Path::new("virtiofsd"), &share, Path::new("/run/s"));
-            cmd.as_std()
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect()
-        };
-        let shared = args(false, false);
+        let shared = args(&share(false, false, ShareIds::Host), (0, 0));
         assert!(shared.contains(&"--cache=auto".to_string()), "{shared:?}");
         assert!(!shared
             .iter()
             .any(|a| a == "--cache=always" || a == "--readonly"));
-        let own = args(true, true);
+        let own = args(&share(true, true, ShareIds::Host), (0, 0));
         assert!(own.contains(&"--cache=always".to_string()), "{own:?}");
         assert!(own.contains(&"--readonly".to_string()), "{own:?}");
         assert!(!own.contains(&"--cache=auto".to_string()));
-        // A spec from before the field existed reads as not exclusive.
+        // A spec from before the fields existed reads as not exclusive, host ids.
         let old: ShareSpec =
             serde_json::from_str(r#"{"tag":"t","host_path":"/d","read_only":false}"#).unwrap();
         assert!(!old.exclusive);
+        assert_eq!(old.ids, ShareIds::Host);
+    }
+
+    #[test]
+    fn no_share_lets_the_guest_make_devices_capabilities_or_host_xattrs() {
+        for ids in [ShareIds::Host, ShareIds::Shifted { base: 1 << 30 }] {
+            let a = args(&share(false, false, ids), (0, 0));
+            assert!(
+                a.contains(&"--modcaps=-mknod:-setfcap".to_string()),
+                "{a:?}"
+            );
+            assert!(
+                a.contains(&"--xattrmap=:map::user.virtiofs.:".to_string()),
+                "{a:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn guest_ids_land_in_the_shifted_range_or_on_the_directory_owner() {
+        let shifted = args(
+            &share(true, false, ShareIds::Shifted { base: 1 << 30 }),
+            (0, 0),
+        );
+        assert!(shifted.contains(&"--translate-uid=map:0:1073741824:65536".to_string()));
+        assert!(shifted.contains(&"--translate-gid=map:0:1073741824:65536".to_string()));
+        let users = args(&share(false, false, ShareIds::Host), (1000, 100));
+        assert!(users.contains(&"--translate-uid=squash-guest:0:1000:4294967295".to_string()));
+        assert!(users.contains(&"--translate-gid=squash-guest:0:100:4294967295".to_string()));
+        let roots = args(&share(false, false, ShareIds::Host), (0, 0));
+        assert!(
+            !roots.iter().any(|a| a.starts_with("--translate")),
+            "{roots:?}"
+        );
+    }
+
+    #[test]
+    fn system_directories_are_never_shared() {
+        for bad in [
+            "/",
+            "/etc",
+            "/usr/lib",
+            "/proc/self",
+            "/home",
+            "/root",
+            "/var",
+            "/tmp",
+        ] {
+            assert!(check_share_path(Path::new(bad)).is_err(), "{bad}");
+        }
+        // Through a symlink too.
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("l");
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        let e = check_share_path(&link).unwrap_err();
+        assert!(e.contains("/etc"), "{e}");
+        assert_eq!(
+            check_share_path(dir.path()).unwrap(),
+            std::fs::canonicalize(dir.path()).unwrap()
+        );
+        assert!(check_share_path(&dir.path().join("missing")).is_err());
     }
 }

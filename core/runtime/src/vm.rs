@@ -10,7 +10,8 @@ use tokio::net::UnixListener;
 
 use crate::agent::{accept_ready, AgentClient, AgentError};
 use crate::hypervisor::{
-    DiskFormat, DiskSpec, Hypervisor, HypervisorError, ShareSpec, Vm, VmExit, VmSpec, VsockSpec,
+    DiskFormat, DiskSpec, Hypervisor, HypervisorError, ShareIds, ShareSpec, Vm, VmExit, VmSpec,
+    VsockSpec,
 };
 
 /// What the guest boots from.
@@ -29,6 +30,8 @@ pub enum Root {
         path: PathBuf,
         /// Only this VM changes it while it runs (see [`ShareSpec::exclusive`]).
         exclusive: bool,
+        /// Whose ids its files carry (see [`ShareSpec::ids`]).
+        ids: ShareIds,
     },
 }
 
@@ -176,8 +179,10 @@ const ROOT_TAG: &str = "rootfs";
 
 /// Boot `spec` on `hv` and wait for its agent.
 pub async fn boot(hv: &dyn Hypervisor, spec: BootSpec) -> Result<RunningVm, BootError> {
+    // Private: the sockets in it reach the guest agent, which runs commands as root.
     let run_dir = tempfile::Builder::new()
         .prefix("boxlet-vm-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .map_err(|source| BootError::Io {
             what: "creating the VM's run directory".into(),
@@ -210,7 +215,11 @@ pub async fn boot(hv: &dyn Hypervisor, spec: BootSpec) -> Result<RunningVm, Boot
                 if *read_only { "ro" } else { "rw" }
             ));
         }
-        Root::Dir { path, exclusive } => {
+        Root::Dir {
+            path,
+            exclusive,
+            ids,
+        } => {
             if !hv.capabilities().directory_shares {
                 return Err(BootError::Invalid(format!(
                     "the {} backend cannot share directories",
@@ -229,6 +238,7 @@ pub async fn boot(hv: &dyn Hypervisor, spec: BootSpec) -> Result<RunningVm, Boot
                 host_path: path.clone(),
                 read_only: false,
                 exclusive: *exclusive,
+                ids: *ids,
             });
             cmdline.push_str(&format!(
                 " rdinit=/boxlet-guest boxlet.root=virtiofs:{ROOT_TAG}"
@@ -279,7 +289,8 @@ pub async fn boot(hv: &dyn Hypervisor, spec: BootSpec) -> Result<RunningVm, Boot
         let _ = vm.stop(Duration::from_secs(1)).await;
         return Err(BootError::Invalid(format!(
             "the guest agent {} speaks protocol {}, this boxlet {PROTOCOL_VERSION}",
-            ready.agent, ready.protocol
+            crate::console::printable(&ready.agent, false),
+            ready.protocol
         )));
     }
     let boot_time = start.elapsed();

@@ -29,7 +29,7 @@ async fn each_box_gets_its_own_copy_of_the_extracted_image() {
     let rb = strategy.prepare(&req(b)).await.unwrap();
     assert_eq!(strategy.extractions(), 1);
     assert_eq!(ra.path, home.box_dir(a).join("rootfs"));
-    assert!(matches!(&ra.strategy, Strategy::Extracted { layers } if layers.len() == 2));
+    assert!(matches!(&ra.strategy, Strategy::Extracted { layers, .. } if layers.len() == 2));
     assert!(matches!(
         ra.root(),
         boxlet::Root::Dir {

@@ -57,6 +57,7 @@ pub fn agent() -> PathBuf {
     p
 }
 
+pub mod hostile;
 pub mod registry;
 pub mod token_server;
 
@@ -358,6 +359,7 @@ pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
         spec(Root::Dir {
             path: root.clone(),
             exclusive: false,
+            ids: boxlet::ShareIds::Host,
         }),
     )
     .await

@@ -105,6 +105,14 @@ pub enum CasError {
         /// redb's error.
         source: Box<redb::Error>,
     },
+    /// The store's root is not private to this user.
+    #[error("{}: unsafe as a boxlet home: {reason}", path.display())]
+    Insecure {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An injected fault (tests and crash drills only).
     #[error("injected fault at {0:?}")]
     Fault(crate::fault::Step),

@@ -271,7 +271,7 @@ impl BlobWriter<'_> {
             }
         };
         store.fault.check(Step::IngestWritten)?;
-        file.set_permissions(fs::Permissions::from_mode(0o444))
+        file.set_permissions(fs::Permissions::from_mode(0o400))
             .and_then(|()| file.sync_all())
             .map_err(CasError::io("syncing", &self.tmp_path))?;
         drop(file);

@@ -19,6 +19,7 @@ mod images;
 mod ingest;
 mod lease;
 mod pipe;
+mod private;
 mod records;
 mod schema;
 mod store;
@@ -31,6 +32,7 @@ pub use gc::GcReport;
 pub use id::{BaseDiskId, BoxId, IdParseError, ID_LEN};
 pub use ingest::{BlobWriter, Expected};
 pub use lease::Lease;
+pub use private::private_dir;
 pub use records::{
     unix_now, BaseDisk, BaseDiskKind, BlobInfo, BoxRecord, BoxState, DiskInfo, ImageRecord,
 };

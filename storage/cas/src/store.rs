@@ -50,6 +50,7 @@ impl Store {
     /// Open with options.
     pub fn open_with(root: impl Into<PathBuf>, options: StoreOptions) -> Result<Store> {
         let root = root.into();
+        crate::private::private_dir(&root)?;
         for dir in [root.join("db"), root.join("tmp")]
             .into_iter()
             .chain(Algorithm::ALL.map(|a| root.join("blobs").join(a.name())))

@@ -54,7 +54,7 @@ fn ingested_content_is_named_by_its_digest_read_only_and_indexed() {
         );
         assert_eq!(std::fs::read(&path).unwrap(), data);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o444, "blobs are read-only");
+        assert_eq!(mode & 0o777, 0o400, "blobs are read-only and private");
         assert_eq!(store.stat(&info.digest).unwrap(), Some(info.clone()));
         assert!(store.contains(&info.digest).unwrap());
         assert_eq!(store.read_blob(&info.digest, 1 << 20).unwrap(), data);
@@ -290,4 +290,52 @@ fn read_blob_refuses_content_that_no_longer_matches() {
     );
     let missing = Digest::of(Algorithm::Sha256, b"never stored");
     assert!(matches!(store.read_blob(&missing, 4), Err(CasError::NotFound(d)) if d == missing));
+}
+
+#[test]
+fn another_local_user_can_read_neither_the_store_nor_a_blob() {
+    if !rustix_is_root() {
+        eprintln!("skipped: needs root to act as another user");
+        return;
+    }
+    let (dir, store) = store();
+    let info = put(&store, b"a secret layer");
+    let root_mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+    assert_eq!(root_mode & 0o777, 0o700);
+    // Even with the root opened up, the blob itself is its owner's only.
+    let as_nobody = |args: &[&std::path::Path]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let blob = store.blob_path(&info.digest);
+    let out = as_nobody(&[&blob]);
+    assert!(
+        !out.status.success(),
+        "nobody read the blob through a 0700 root"
+    );
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    for d in [
+        dir.path().join("blobs"),
+        blob.parent().unwrap().to_path_buf(),
+    ] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let out = as_nobody(&[&blob]);
+    assert!(!out.status.success(), "nobody read a 0400 blob");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid() == 0
+        })
+        .unwrap_or(false)
 }

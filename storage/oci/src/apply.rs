@@ -47,6 +47,82 @@ pub enum Whiteouts {
     Overlay,
 }
 
+/// Image user and group ids moved into a range of host ids nobody on the host runs as:
+/// id `n` is stored as `base + n`, so a set-user-ID-root file of the image is set-ID to
+/// `base` on the host, which grants nothing. Ids past the range become the range's
+/// `nobody` (65534). Whoever serves the tree to a guest maps the range back (virtiofsd
+/// `--translate-uid map:0:<base>:65536`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdShift {
+    base: u32,
+}
+
+impl IdShift {
+    /// Ids in the range: image ids 0 to 65535.
+    pub const COUNT: u32 = 65536;
+    /// What an image id past the range becomes (before the shift).
+    pub const OVERFLOW: u32 = 65534;
+
+    /// The range starting at host id `base`; `None` when it would reach the id -1 (which
+    /// `chown` reads as "leave as is") or start at 0.
+    pub const fn new(base: u32) -> Option<IdShift> {
+        if base == 0 || base > u32::MAX - Self::COUNT - 1 {
+            None
+        } else {
+            Some(IdShift { base })
+        }
+    }
+
+    /// The host id that image id 0 becomes.
+    pub fn base(self) -> u32 {
+        self.base
+    }
+
+    /// The host id of image id `id`.
+    pub fn host(self, id: u64) -> u32 {
+        let id = if id < u64::from(Self::COUNT) {
+            id as u32
+        } else {
+            Self::OVERFLOW
+        };
+        self.base + id
+    }
+}
+
+/// Which of a layer's extended attributes reach the host, and under what names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum XattrPolicy {
+    /// Only what is harmless on the host: `user.*` (not `user.overlay.*`, which an
+    /// overlayfs mounted with `userxattr` obeys) and POSIX ACLs. `security.capability`
+    /// (as good as a set-UID bit), `trusted.*` (overlayfs obeys `trusted.overlay.*`) and
+    /// everything else are left out and counted.
+    #[default]
+    Safe,
+    /// Every attribute kept, under `prefix` + its name: inert on the host, and given back
+    /// under its own name by a file server that strips the prefix (virtiofsd
+    /// `--xattrmap`). Names too long with the prefix are left out and counted.
+    Prefixed(&'static str),
+}
+
+impl XattrPolicy {
+    /// The host name of the layer attribute `name`, or `None` to leave it out.
+    pub fn host_name(self, name: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            Self::Safe => {
+                let ok = (name.starts_with(b"user.") && !name.starts_with(b"user.overlay."))
+                    || name == b"system.posix_acl_access"
+                    || name == b"system.posix_acl_default";
+                ok.then(|| name.to_vec())
+            }
+            Self::Prefixed(prefix) => {
+                let full = [prefix.as_bytes(), name].concat();
+                // XATTR_NAME_MAX
+                (full.len() <= 255 && !name.is_empty()).then_some(full)
+            }
+        }
+    }
+}
+
 /// How to apply layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ApplyOptions {
@@ -55,18 +131,35 @@ pub struct ApplyOptions {
     /// Give entries their owners from the layer (needs CAP_CHOWN); otherwise the
     /// applier owns everything, and set-id bits are dropped.
     pub owners: bool,
+    /// With `owners`: store the layer's ids shifted into an unprivileged range.
+    pub id_shift: Option<IdShift>,
+    /// Extended attributes.
+    pub xattrs: XattrPolicy,
     /// Whiteouts and opaque directories.
     pub whiteouts: Whiteouts,
 }
 
 impl Default for ApplyOptions {
-    /// Devices skipped; owners kept when running as root.
+    /// Devices skipped; owners kept when running as root, unshifted; safe xattrs only.
     fn default() -> Self {
         ApplyOptions {
             devices: DevicePolicy::Skip,
             owners: rustix::process::geteuid().is_root(),
+            id_shift: None,
+            xattrs: XattrPolicy::Safe,
             whiteouts: Whiteouts::Apply,
         }
+    }
+}
+
+impl ApplyOptions {
+    /// The host uid and gid of an entry.
+    fn ids(&self, header: &tar::Header) -> io::Result<(Uid, Gid)> {
+        let (uid, gid) = (header.uid()?, header.gid()?);
+        Ok(match self.id_shift {
+            Some(s) => (Uid::from_raw(s.host(uid)), Gid::from_raw(s.host(gid))),
+            None => (Uid::from_raw(uid as u32), Gid::from_raw(gid as u32)),
+        })
     }
 }
 
@@ -89,7 +182,8 @@ pub struct ApplyReport {
     pub devices_skipped: u64,
     /// Whiteouts and opaque markers applied.
     pub whiteouts: u64,
-    /// Extended attributes the file system refused (counted, not fatal).
+    /// Extended attributes left out by the [`XattrPolicy`] or refused by the file system
+    /// (counted, not fatal).
     pub xattrs_skipped: u64,
 }
 
@@ -386,11 +480,8 @@ impl Applier {
     fn set_meta(&self, fd: &impl AsFd, header: &tar::Header) -> io::Result<()> {
         let mut mode = header.mode()? & 0o7777;
         if self.opts.owners {
-            fchown(
-                fd,
-                Some(Uid::from_raw(header.uid()? as u32)),
-                Some(Gid::from_raw(header.gid()? as u32)),
-            )?;
+            let (uid, gid) = self.opts.ids(header)?;
+            fchown(fd, Some(uid), Some(gid))?;
         } else {
             mode &= 0o1777;
         }
@@ -411,13 +502,8 @@ impl Applier {
     fn set_meta_at(&self, parent: &OwnedFd, name: &[u8], header: &tar::Header) -> io::Result<()> {
         let os = OsStr::from_bytes(name);
         if self.opts.owners {
-            rustix::fs::chownat(
-                parent,
-                os,
-                Some(Uid::from_raw(header.uid()? as u32)),
-                Some(Gid::from_raw(header.gid()? as u32)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )?;
+            let (uid, gid) = self.opts.ids(header)?;
+            rustix::fs::chownat(parent, os, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?;
         }
         let t = timestamp(header.mtime().unwrap_or(0));
         rustix::fs::utimensat(
@@ -432,7 +518,8 @@ impl Applier {
         Ok(())
     }
 
-    /// Extended attributes from PAX records (`SCHILY.xattr.NAME`), set through the fd.
+    /// Extended attributes from PAX records (`SCHILY.xattr.NAME`), as the policy names
+    /// them on the host, set through the fd.
     fn xattrs<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, fd: &impl AsFd) {
         let Ok(Some(exts)) = entry.pax_extensions() else {
             return;
@@ -441,9 +528,13 @@ impl Applier {
             let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
                 continue;
             };
+            let Some(host) = self.opts.xattrs.host_name(name) else {
+                self.report.xattrs_skipped += 1;
+                continue;
+            };
             if rustix::fs::fsetxattr(
                 fd,
-                OsStr::from_bytes(name),
+                OsStr::from_bytes(&host),
                 ext.value_bytes(),
                 XattrFlags::empty(),
             )
@@ -529,7 +620,58 @@ fn copy(src: &mut impl Read, dst: &mut File, buf: &mut [u8]) -> io::Result<u64> 
 
 #[cfg(test)]
 mod tests {
-    use super::components;
+    use super::{components, IdShift, XattrPolicy};
+
+    #[test]
+    fn only_harmless_xattrs_reach_the_host_unless_prefixed() {
+        let safe = XattrPolicy::Safe;
+        for ok in [
+            &b"user.mime_type"[..],
+            b"system.posix_acl_access",
+            b"system.posix_acl_default",
+        ] {
+            assert_eq!(safe.host_name(ok).as_deref(), Some(ok));
+        }
+        for bad in [
+            &b"security.capability"[..],
+            b"trusted.overlay.opaque",
+            b"trusted.overlay.redirect",
+            b"user.overlay.opaque",
+            b"security.selinux",
+            b"system.nfs4_acl",
+        ] {
+            assert_eq!(
+                safe.host_name(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let pre = XattrPolicy::Prefixed("user.virtiofs.");
+        assert_eq!(
+            pre.host_name(b"trusted.overlay.opaque").unwrap(),
+            b"user.virtiofs.trusted.overlay.opaque"
+        );
+        assert_eq!(
+            pre.host_name(&[b'a'; 242]),
+            None,
+            "too long with the prefix"
+        );
+        assert!(pre.host_name(&[b'a'; 241]).is_some());
+    }
+
+    #[test]
+    fn shifted_ids_stay_in_their_range() {
+        let s = IdShift::new(1_000_000).unwrap();
+        assert_eq!(s.host(0), 1_000_000);
+        assert_eq!(s.host(65535), 1_065_535);
+        assert_eq!(s.host(65536), 1_065_534);
+        assert_eq!(s.host(u64::MAX), 1_065_534);
+        assert!(IdShift::new(0).is_none());
+        assert!(IdShift::new(u32::MAX - 65536).is_none(), "would reach -1");
+        let top = IdShift::new(u32::MAX - 65537).unwrap();
+        assert_eq!(top.host(65535), u32::MAX - 2);
+    }
 
     #[test]
     fn paths_are_split_and_dot_dot_is_refused() {

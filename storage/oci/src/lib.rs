@@ -14,7 +14,10 @@ mod manifest;
 mod pull;
 mod unpack;
 
-pub use apply::{apply_layer, ApplyError, ApplyOptions, ApplyReport, DevicePolicy, Whiteouts};
+pub use apply::{
+    apply_layer, ApplyError, ApplyOptions, ApplyReport, DevicePolicy, IdShift, Whiteouts,
+    XattrPolicy,
+};
 pub use archive::import_archive;
 pub use error::{OciError, Result};
 pub use image::{Layer, StoredImage};

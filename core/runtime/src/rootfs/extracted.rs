@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use boxlet_cas::Store;
-use boxlet_oci::{ApplyOptions, DevicePolicy, StoredImage};
+use boxlet_oci::{StoredImage, Whiteouts};
 
 use crate::rootfs::shared::{
-    box_dir_of, image_env, install_staged_dir, remove_box_dir, requested_image, Flights,
+    box_dir_of, cache_apply_options, cache_id_base, image_env, install_staged_dir, own_top_dir,
+    remove_box_dir, requested_image, Flights,
 };
 use crate::rootfs::tree_copy::{copy_tree, TreeCopy};
 use crate::rootfs::{GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy};
@@ -92,15 +93,9 @@ impl Inner {
             .tempdir_in(self.home.tmp())
             .map_err(RootfsError::io("staging in", self.home.tmp()))?;
         let staged = stage.path().join("rootfs");
-        let opts = ApplyOptions {
-            devices: if rustix::process::geteuid().is_root() {
-                DevicePolicy::Create
-            } else {
-                DevicePolicy::Skip
-            },
-            ..ApplyOptions::default()
-        };
+        let opts = cache_apply_options(Whiteouts::Apply);
         boxlet_oci::unpack(&self.store, reference, &staged, &opts)?;
+        own_top_dir(&staged)?;
         self.extractions.fetch_add(1, Ordering::Relaxed);
         // The whole staging directory becomes images/<hex> (the tree is its `rootfs`).
         install_staged_dir(&stage.keep(), &dir)?;
@@ -145,6 +140,7 @@ impl RootfsStrategy for ExtractedStrategy {
             path: rootfs,
             strategy: Strategy::Extracted {
                 layers: image.layers.iter().map(|l| l.digest.to_string()).collect(),
+                id_base: cache_id_base(),
             },
             kernel: None,
             initrd: None,

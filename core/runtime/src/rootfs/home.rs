@@ -76,9 +76,11 @@ impl Home {
         self.box_dir(id).join("disks").join("guest-rootfs.qcow2")
     }
 
-    /// Create the directories, and check that staging and the caches share a file system
+    /// Create the directories (the root private to this user: see
+    /// [`boxlet_cas::private_dir`]), and check that staging and the caches share a file system
     /// (installs are atomic renames).
     pub fn prepare(&self) -> Result<(), RootfsError> {
+        boxlet_cas::private_dir(&self.root)?;
         let mut dev = None;
         for dir in [self.tmp(), self.bases(), self.images(), self.boxes()] {
             std::fs::create_dir_all(&dir).map_err(RootfsError::io("creating", &dir))?;
@@ -95,9 +97,57 @@ impl Home {
                 });
             }
         }
-        Ok(())
+        self.migrate_caches()
+    }
+
+    /// The cache format file: what the directory strategies' caches hold.
+    fn cache_format_file(&self) -> PathBuf {
+        self.root.join("cache-format")
+    }
+
+    /// Caches of another format (extracted trees under `images/`, unpacked layers under
+    /// `layers/`) are moved into `tmp/`, which the store sweeps when it opens; they are
+    /// built again in this format when a box needs them.
+    fn migrate_caches(&self) -> Result<(), RootfsError> {
+        let file = self.cache_format_file();
+        let found = std::fs::read_to_string(&file).unwrap_or_default();
+        if found.trim() == CACHE_FORMAT.to_string() {
+            return Ok(());
+        }
+        let mut moved = 0;
+        for dir in [self.images(), self.layers()] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                let entry = entry.map_err(RootfsError::io("listing", &dir))?;
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue; // image disks (ext4) are not affected
+                }
+                let to = self
+                    .tmp()
+                    .join(format!("old-cache-{}", boxlet_cas::BoxId::mint()));
+                std::fs::rename(entry.path(), &to)
+                    .map_err(RootfsError::io("moving an old cache aside", entry.path()))?;
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            tracing::info!(
+                moved,
+                "caches of format {:?} moved aside: they are rebuilt in format {CACHE_FORMAT}",
+                found.trim()
+            );
+        }
+        std::fs::write(&file, format!("{CACHE_FORMAT}\n"))
+            .map_err(RootfsError::io("writing", &file))
     }
 }
+
+/// The format of the directory strategies' caches. 2: image ids shifted into
+/// [`crate::rootfs::CACHE_IDS`] (when built as root), image xattrs under `user.virtiofs.`,
+/// no device nodes.
+pub const CACHE_FORMAT: u32 = 2;
 
 /// An exclusive lock on a home (`flock` on `.lock`), held while this value lives. The
 /// holder's pid is written in the file, so a second runtime is told who has it.
@@ -110,7 +160,7 @@ pub struct RuntimeLock {
 impl RuntimeLock {
     /// Take the lock of the home at `root`, or fail naming the process holding it.
     pub fn acquire(root: &Path) -> Result<RuntimeLock, RootfsError> {
-        std::fs::create_dir_all(root).map_err(RootfsError::io("creating", root))?;
+        boxlet_cas::private_dir(root)?;
         let path = root.join(".lock");
         let mut file = OpenOptions::new()
             .read(true)
@@ -168,6 +218,25 @@ mod tests {
         assert!(!out.success(), "flock(1) got the lock");
         drop(lock);
         RuntimeLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn caches_of_an_older_format_are_moved_aside_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().join("home"));
+        std::fs::create_dir_all(home.images().join("abc/rootfs")).unwrap();
+        std::fs::create_dir_all(home.layers().join("def")).unwrap();
+        std::fs::write(home.images().join("image-abc.ext4"), b"disk").unwrap();
+        home.prepare().unwrap();
+        assert!(!home.images().join("abc").exists());
+        assert!(!home.layers().join("def").exists());
+        assert!(home.images().join("image-abc.ext4").exists(), "disks stay");
+        let aside: Vec<_> = std::fs::read_dir(home.tmp()).unwrap().collect();
+        assert_eq!(aside.len(), 2, "both in tmp/, for the store to sweep");
+        // Caches made in this format stay.
+        std::fs::create_dir_all(home.images().join("new/rootfs")).unwrap();
+        home.prepare().unwrap();
+        assert!(home.images().join("new/rootfs").exists());
     }
 
     #[test]

@@ -35,7 +35,18 @@ pub use manager::{AgentBinary, GuestRootfsManager, GLOBAL_SOURCE};
 pub use overlay::OverlayStrategy;
 pub use tree_copy::{allocated_bytes, copy_tree, TreeCopy};
 
+use crate::hypervisor::ShareIds;
 use crate::vm::Root;
+
+/// Where the directory strategies store image ids on the host, when they run as root:
+/// image id `n` is host id `0x6F00_0000 + n` for the 65536 ids an image may use (inside
+/// systemd's range for container ids, 0x0008_0000 to 0x6FFF_FFFF). No host process runs
+/// as these ids, so a set-user-ID-root file of an image is set-ID to nobody on the
+/// host; virtiofsd maps the range back to the image's ids for the guest.
+pub const CACHE_IDS: boxlet_oci::IdShift = match boxlet_oci::IdShift::new(0x6F00_0000) {
+    Some(s) => s,
+    None => panic!("the cache id range reaches the invalid id"),
+};
 
 /// How a guest rootfs was made (and so how it is cleaned up).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +58,9 @@ pub enum Strategy {
     Extracted {
         /// The layers, bottom first (their digests).
         layers: Vec<String>,
+        /// The host id of image id 0 when the tree's owners are shifted ([`CACHE_IDS`]).
+        #[serde(default)]
+        id_base: Option<u32>,
     },
     /// Layers as overlayfs lowers with a per-box upper and work directory.
     OverlayMount {
@@ -56,6 +70,9 @@ pub enum Strategy {
         upper: PathBuf,
         /// overlayfs's work directory.
         work: PathBuf,
+        /// The host id of image id 0 when the layers' owners are shifted ([`CACHE_IDS`]).
+        #[serde(default)]
+        id_base: Option<u32>,
     },
     /// An ext4 disk: the versioned base (agent inside) under a per-box qcow2 overlay.
     Disk {
@@ -93,11 +110,18 @@ impl GuestRootfs {
             Strategy::Direct => Root::Dir {
                 path: self.path.clone(),
                 exclusive: false,
+                ids: ShareIds::Host,
             },
-            _ => Root::Dir {
-                path: self.path.clone(),
-                exclusive: true,
-            },
+            Strategy::Extracted { id_base, .. } | Strategy::OverlayMount { id_base, .. } => {
+                Root::Dir {
+                    path: self.path.clone(),
+                    exclusive: true,
+                    ids: match id_base {
+                        Some(base) => ShareIds::Shifted { base: *base },
+                        None => ShareIds::Host,
+                    },
+                }
+            }
         }
     }
 }

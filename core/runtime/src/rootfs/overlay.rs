@@ -13,10 +13,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use boxlet_cas::Store;
-use boxlet_oci::{ApplyOptions, DevicePolicy, Layer, StoredImage, Whiteouts};
+use boxlet_oci::{Layer, StoredImage, Whiteouts};
 
 use crate::rootfs::shared::{
-    box_dir_of, image_env, install_staged_dir, remove_box_dir, requested_image, Flights,
+    box_dir_of, cache_apply_options, cache_id_base, image_env, install_staged_dir, own_top_dir,
+    remove_box_dir, requested_image, Flights,
 };
 use crate::rootfs::{
     ExtractedStrategy, GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy,
@@ -158,11 +159,7 @@ impl Inner {
             .map_err(RootfsError::io("staging in", self.home.tmp()))?;
         let staged = stage.path().join("tree");
         std::fs::create_dir(&staged).map_err(RootfsError::io("creating", &staged))?;
-        let opts = ApplyOptions {
-            devices: DevicePolicy::Create,
-            whiteouts: Whiteouts::Overlay,
-            ..ApplyOptions::default()
-        };
+        let opts = cache_apply_options(Whiteouts::Overlay);
         boxlet_oci::apply_stored_layer(&self.store, layer, &staged, &opts)?;
         self.extractions.fetch_add(1, Ordering::Relaxed);
         install_staged_dir(&staged, &dir)?;
@@ -214,6 +211,8 @@ impl RootfsStrategy for OverlayStrategy {
         for d in [&upper, &work, &target] {
             std::fs::create_dir_all(d).map_err(RootfsError::io("creating", d))?;
         }
+        // The merged root's owner is the upper's: the image's root, as the layers hold it.
+        own_top_dir(&upper)?;
         let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
         let data = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -238,7 +237,8 @@ impl RootfsStrategy for OverlayStrategy {
             "overlay",
             &target,
             "overlay",
-            rustix::mount::MountFlags::empty(),
+            // Whatever the layers or the guest leave in it: inert on the host.
+            rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
             Some(data_c.as_c_str()),
         );
         if let Err(e) = mounted {
@@ -262,7 +262,12 @@ impl RootfsStrategy for OverlayStrategy {
         }
         Ok(GuestRootfs {
             path: target,
-            strategy: Strategy::OverlayMount { lower, upper, work },
+            strategy: Strategy::OverlayMount {
+                lower,
+                upper,
+                work,
+                id_base: cache_id_base(),
+            },
             kernel: None,
             initrd: None,
             env: image_env(&image),

@@ -6,9 +6,52 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use boxlet_cas::Store;
-use boxlet_oci::StoredImage;
+use boxlet_oci::{ApplyOptions, DevicePolicy, StoredImage, Whiteouts, XattrPolicy};
 
-use crate::rootfs::{Home, PrepareRequest, RootfsError};
+use crate::rootfs::{Home, PrepareRequest, RootfsError, CACHE_IDS};
+
+/// Where image xattrs go in the directory caches: under this prefix, inert on the host;
+/// virtiofsd gives them back under their own names ([`crate::process::XATTR_MAP`]).
+pub const GUEST_XATTR_PREFIX: &str = "user.virtiofs.";
+
+/// The host id of image id 0 in the directory caches: shifted into [`CACHE_IDS`] when
+/// boxlet runs as root (it can chown); without root everything is the caller's and set-id
+/// bits are dropped.
+pub(crate) fn cache_id_base() -> Option<u32> {
+    rustix::process::geteuid()
+        .is_root()
+        .then(|| CACHE_IDS.base())
+}
+
+/// How the directory strategies apply layers into the host's caches: no device nodes
+/// (the guest's /dev is its own devtmpfs), image ids shifted ([`cache_id_base`]), image
+/// xattrs under [`GUEST_XATTR_PREFIX`]. Nothing in a cache is a usable device, a
+/// set-ID-root file or a file capability on the host.
+pub(crate) fn cache_apply_options(whiteouts: Whiteouts) -> ApplyOptions {
+    let shifted = cache_id_base().is_some();
+    ApplyOptions {
+        devices: DevicePolicy::Skip,
+        owners: shifted,
+        id_shift: shifted.then_some(CACHE_IDS),
+        xattrs: XattrPolicy::Prefixed(GUEST_XATTR_PREFIX),
+        whiteouts,
+    }
+}
+
+/// Give the top directory of a cache tree, which boxlet made (the image may not describe
+/// it), to the image's root in the shifted range, so the guest's root owns its `/`.
+pub(crate) fn own_top_dir(dir: &Path) -> Result<(), RootfsError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(base) = cache_id_base() else {
+        return Ok(());
+    };
+    let meta = std::fs::metadata(dir).map_err(RootfsError::io("reading", dir))?;
+    if meta.uid() < base || meta.uid() >= base + boxlet_oci::IdShift::COUNT {
+        std::os::unix::fs::chown(dir, Some(base), Some(base))
+            .map_err(RootfsError::io("giving the image's root", dir))?;
+    }
+    Ok(())
+}
 
 /// The stored image a request names; `strategy` names the strategy in the error when
 /// there is none.
