@@ -26,9 +26,16 @@ pub struct PullArgs {
     /// User name for the registry (the password is read from stdin).
     #[arg(long)]
     user: Option<String>,
-    /// A bearer token for the registry (instead of a user).
+    /// A file holding a bearer token for the registry, `-` for stdin (instead of a user;
+    /// never on the command line, where other users can read it).
     #[arg(long, conflicts_with = "user")]
-    token: Option<String>,
+    token_file: Option<PathBuf>,
+    /// Send the credentials even over plain HTTP (with --insecure).
+    #[arg(long)]
+    credentials_over_http: bool,
+    /// Send the password to a token realm on another scheme or host than the registry.
+    #[arg(long)]
+    credentials_to_any_realm: bool,
     /// Layers fetched at once.
     #[arg(long, default_value_t = 3)]
     parallel: usize,
@@ -142,24 +149,34 @@ fn print_record(record: &boxlet_cas::ImageRecord, json: bool) -> Result<()> {
 
 pub fn pull(args: PullArgs) -> Result<ExitCode> {
     let store = open()?;
-    let credentials = match (&args.user, &args.token) {
-        (Some(user), _) => {
-            let mut password = String::new();
+    let read_secret = |from: &std::path::Path, what: &str| -> Result<String> {
+        let mut text = String::new();
+        if from == std::path::Path::new("-") {
             std::io::stdin()
-                .read_to_string(&mut password)
-                .context("reading the password from stdin")?;
-            Credentials::Basic {
-                user: user.clone(),
-                password: password.trim_end_matches(['\r', '\n']).to_string(),
-            }
+                .take(64 << 10)
+                .read_to_string(&mut text)
+                .with_context(|| format!("reading the {what} from stdin"))?;
+        } else {
+            std::fs::File::open(from)
+                .and_then(|f| f.take(64 << 10).read_to_string(&mut text))
+                .with_context(|| format!("reading the {what} from {}", from.display()))?;
         }
-        (None, Some(token)) => Credentials::Bearer(token.clone()),
+        Ok(text.trim_end_matches(['\r', '\n']).to_string())
+    };
+    let credentials = match (&args.user, &args.token_file) {
+        (Some(user), _) => Credentials::Basic {
+            user: user.clone(),
+            password: read_secret("-".as_ref(), "password")?,
+        },
+        (None, Some(file)) => Credentials::Bearer(read_secret(file, "token")?),
         (None, None) => Credentials::Anonymous,
     };
     let opts = PullOptions {
         insecure: args.insecure,
         credentials,
         parallel: args.parallel,
+        credentials_over_http: args.credentials_over_http,
+        credentials_to_any_realm: args.credentials_to_any_realm,
     };
     let progress: Arc<dyn PullProgress> = if std::io::stderr().is_terminal() && !args.json {
         Arc::new(Bars {

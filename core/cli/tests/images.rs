@@ -96,9 +96,28 @@ fn pull_from_a_registry_with_a_password_on_stdin() {
     assert!(!denied.status.success());
     assert!(String::from_utf8_lossy(&denied.stderr).contains(&reference));
 
+    // Credentials over plain HTTP only when asked for.
+    let refused = boxlet(
+        home.path(),
+        &["pull", "--insecure", "--user", "me", &reference],
+        "pw\n",
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--credentials-over-http"));
+    // A token never on the command line.
+    let token = boxlet(home.path(), &["pull", "--token", "t0k3n", &reference], "");
+    assert!(!token.status.success());
     let out = boxlet(
         home.path(),
-        &["pull", "--insecure", "--user", "me", "--json", &reference],
+        &[
+            "pull",
+            "--insecure",
+            "--credentials-over-http",
+            "--user",
+            "me",
+            "--json",
+            &reference,
+        ],
         "pw\n",
     );
     assert!(

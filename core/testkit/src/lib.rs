@@ -398,6 +398,47 @@ pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
     );
 }
 
+/// Guest root, in a box on a directory root whose host side is `host_dir`, tries to
+/// leave a block device anyone may open and a set-UID-root copy of busybox: the device is
+/// refused, and the set-UID file, set-UID root in the guest, is set-UID to an id no host
+/// process runs as.
+pub async fn guest_plants_nothing_on_the_host(vm: &boxlet::RunningVm, host_dir: &Path) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let o = vm
+        .agent()
+        .run(
+            sh(
+                "mknod /planted-dev b 8 0 && chmod 666 /planted-dev && echo made-a-device; \
+                cp /bin/busybox /planted-sh && chmod 4755 /planted-sh && \
+                stat -c '%u %a' /planted-sh",
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("made-a-device"), "{out}");
+    assert_eq!(
+        out.trim(),
+        "0 4755",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if let Ok(m) = std::fs::symlink_metadata(host_dir.join("planted-dev")) {
+        assert!(
+            !m.file_type().is_block_device(),
+            "a device node on the host"
+        );
+    }
+    let sh = std::fs::metadata(host_dir.join("planted-sh")).unwrap();
+    assert_eq!(sh.mode() & 0o4000, 0o4000);
+    assert_eq!(
+        sh.uid(),
+        boxlet::rootfs::CACHE_IDS.base(),
+        "set-UID to the shifted root, not to host root"
+    );
+}
+
 /// Boxes from an OCI image through the rootfs strategies: Disk (the busybox image's ext4
 /// with the agent injected into the versioned base, a qcow2 overlay per box, virtio-blk),
 /// Extracted (a per-box copy of the extracted image, virtio-fs), OverlayMount (the layers
@@ -472,6 +513,7 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
         .await
         .unwrap();
     assert_eq!(o.stdout, b"boxlet\n");
+    guest_plants_nothing_on_the_host(&vm, &rootfs.path).await;
     vm.shutdown(Duration::from_secs(30)).await.unwrap();
     assert_eq!(
         std::fs::read(rootfs.path.join("root/note")).unwrap(),
@@ -498,6 +540,7 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    guest_plants_nothing_on_the_host(&vm, &home.box_dir(id).join("upper")).await;
     vm.shutdown(Duration::from_secs(30)).await.unwrap();
     assert_eq!(
         std::fs::read(home.box_dir(id).join("upper/root/note")).unwrap(),

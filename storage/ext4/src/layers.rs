@@ -61,7 +61,7 @@ fn hostile(layer: &str, entry: &str, why: impl std::fmt::Display) -> Error {
 }
 
 /// The largest tar metadata record (long name, PAX header) a layer may carry.
-const MAX_TAR_RECORD: u64 = 1 << 20;
+pub const MAX_TAR_RECORD: u64 = 1 << 20;
 
 /// The tar stream of a layer: `r` through the decompressor its first bytes call for
 /// (gzip, zstd, or none), with metadata records capped (see [`TarGuard`]).

@@ -38,13 +38,14 @@ pub use extent::Extent;
 pub use fs::{Ext4, FileReader, MAX_READ};
 pub use inject::{inject, inject_bytes, InjectOptions};
 pub use inode::{FileType, Inode, Timestamp, ROOT_INO};
-pub use layers::{LayerLimits, LayerStack};
+pub use layers::{LayerLimits, LayerStack, MAX_TAR_RECORD};
 pub use metadata::Metadata;
 pub use mkfs::{
     build, build_file, build_file_with_layers, build_with_layers, BuildOptions, BuildReport,
 };
 pub use source::ReadAt;
 pub use superblock::Superblock;
+pub use targuard::TarGuard;
 pub use tree::{FileData, Node, NodeId, NodeKind, NodeMeta, Tree};
 pub use xattr::Xattr;
 

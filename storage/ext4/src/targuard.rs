@@ -23,7 +23,7 @@ enum Expect {
 }
 
 /// The guard around a decompressed layer.
-pub(crate) struct TarGuard<R> {
+pub struct TarGuard<R> {
     inner: R,
     cap: u64,
     pos: u64,
@@ -35,8 +35,18 @@ pub(crate) struct TarGuard<R> {
     pax_size: Option<u64>,
 }
 
+impl<R> std::fmt::Debug for TarGuard<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TarGuard")
+            .field("cap", &self.cap)
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<R: Read> TarGuard<R> {
-    pub(crate) fn new(inner: R, cap: u64) -> Self {
+    /// Guard the tar stream `inner`, refusing metadata records over `cap` bytes.
+    pub fn new(inner: R, cap: u64) -> Self {
         Self {
             inner,
             cap,

@@ -123,9 +123,47 @@ impl XattrPolicy {
     }
 }
 
+/// What layers may make the applier write, at most: the ext4 builder's bounds
+/// ([`boxlet_ext4::LayerLimits`]), so a layer that decompresses without end (a zstd or
+/// gzip bomb) or holds millions of entries is refused, naming the layer, before it fills
+/// the host's disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApplyLimits {
+    /// Bytes of file contents.
+    pub max_bytes: u64,
+    /// Entries (files, directories, links, nodes, whiteouts).
+    pub max_entries: u64,
+    /// Components of a path.
+    pub max_depth: usize,
+}
+
+impl Default for ApplyLimits {
+    fn default() -> Self {
+        let l = boxlet_ext4::LayerLimits::default();
+        ApplyLimits {
+            max_bytes: l.max_total_bytes,
+            max_entries: l.max_entries as u64,
+            max_depth: l.max_depth,
+        }
+    }
+}
+
+impl ApplyLimits {
+    /// What is left after a layer did `r`.
+    pub fn after(self, r: &ApplyReport) -> ApplyLimits {
+        ApplyLimits {
+            max_bytes: self.max_bytes.saturating_sub(r.bytes),
+            max_entries: self.max_entries.saturating_sub(r.entries()),
+            max_depth: self.max_depth,
+        }
+    }
+}
+
 /// How to apply layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ApplyOptions {
+    /// Bounds on what the layer may make.
+    pub limits: ApplyLimits,
     /// Device nodes (FIFOs are always created: they are harmless).
     pub devices: DevicePolicy,
     /// Give entries their owners from the layer (needs CAP_CHOWN); otherwise the
@@ -143,6 +181,7 @@ impl Default for ApplyOptions {
     /// Devices skipped; owners kept when running as root, unshifted; safe xattrs only.
     fn default() -> Self {
         ApplyOptions {
+            limits: ApplyLimits::default(),
             devices: DevicePolicy::Skip,
             owners: rustix::process::geteuid().is_root(),
             id_shift: None,
@@ -185,6 +224,19 @@ pub struct ApplyReport {
     /// Extended attributes left out by the [`XattrPolicy`] or refused by the file system
     /// (counted, not fatal).
     pub xattrs_skipped: u64,
+}
+
+impl ApplyReport {
+    /// Entries the layer applied (or left out).
+    pub fn entries(&self) -> u64 {
+        self.files
+            + self.dirs
+            + self.symlinks
+            + self.hardlinks
+            + self.nodes
+            + self.devices_skipped
+            + self.whiteouts
+    }
 }
 
 /// Why a layer could not be applied.
@@ -252,7 +304,10 @@ pub fn apply_layer(
         dir_times: Vec::new(),
         buf: vec![0u8; 256 << 10],
     };
-    let mut archive = tar::Archive::new(layer);
+    // Metadata records (long names, PAX headers) capped before the tar parser buffers
+    // them whole.
+    let guarded = boxlet_ext4::TarGuard::new(layer, boxlet_ext4::MAX_TAR_RECORD);
+    let mut archive = tar::Archive::new(guarded);
     for entry in archive.entries().map_err(ApplyError::Read)? {
         let mut entry = entry.map_err(ApplyError::Read)?;
         applier.entry(&mut entry)?;
@@ -286,6 +341,19 @@ impl Applier {
         };
         let comps = components(&raw).map_err(refuse)?;
         let kind = entry.header().entry_type();
+        let limits = self.opts.limits;
+        if self.report.entries() >= limits.max_entries {
+            return Err(refuse(&format!(
+                "more than {} entries in the image",
+                limits.max_entries
+            )));
+        }
+        if comps.len() > limits.max_depth {
+            return Err(refuse(&format!(
+                "deeper than {} components",
+                limits.max_depth
+            )));
+        }
 
         let Some((&name, parents)) = comps.split_last() else {
             // The root itself: only a directory entry may describe it.
@@ -370,8 +438,19 @@ impl Applier {
                 )
                 .map_err(|e| io_err("creating the file")(e.into()))?;
                 let mut file = File::from(fd);
-                let n =
-                    copy(entry, &mut file, &mut self.buf).map_err(io_err("writing the file"))?;
+                let budget = limits.max_bytes.saturating_sub(self.report.bytes);
+                let n = copy(
+                    &mut entry.take(budget.saturating_add(1)),
+                    &mut file,
+                    &mut self.buf,
+                )
+                .map_err(io_err("writing the file"))?;
+                if n > budget {
+                    return Err(refuse(&format!(
+                        "the image's files hold more than {} bytes",
+                        limits.max_bytes
+                    )));
+                }
                 self.xattrs(entry, &file);
                 self.set_meta(&file, &header)
                     .map_err(io_err("setting metadata"))?;

@@ -43,6 +43,22 @@ pub enum OciError {
         /// What is not supported.
         reason: String,
     },
+    /// A document or image past boxlet's bounds (too large, too many layers).
+    #[error("{what}: refused: {reason}")]
+    TooLarge {
+        /// The document, image or blob.
+        what: String,
+        /// Which bound, and by how much.
+        reason: String,
+    },
+    /// A request boxlet refuses to make (credentials where they could leak).
+    #[error("{what}: refused: {reason}")]
+    Refused {
+        /// The registry or image.
+        what: String,
+        /// Why, and how to allow it.
+        reason: String,
+    },
     /// No manifest of the image is for linux/amd64.
     #[error("{reference} has no linux/amd64 image (it has: {available})")]
     NoPlatform {

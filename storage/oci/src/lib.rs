@@ -7,6 +7,7 @@
 mod apply;
 mod archive;
 mod error;
+mod fetch;
 mod fsat;
 mod image;
 mod layout;
@@ -15,13 +16,16 @@ mod pull;
 mod unpack;
 
 pub use apply::{
-    apply_layer, ApplyError, ApplyOptions, ApplyReport, DevicePolicy, IdShift, Whiteouts,
-    XattrPolicy,
+    apply_layer, ApplyError, ApplyLimits, ApplyOptions, ApplyReport, DevicePolicy, IdShift,
+    Whiteouts, XattrPolicy,
 };
 pub use archive::import_archive;
 pub use error::{OciError, Result};
 pub use image::{Layer, StoredImage};
 pub use layout::import_layout;
-pub use manifest::{normalize_reference, Compression};
+pub use manifest::{
+    check_bounds, normalize_reference, Compression, MAX_CONFIG, MAX_IMAGE_BYTES, MAX_LAYERS,
+    MAX_MANIFEST,
+};
 pub use pull::{pull, Credentials, PullOptions, PullProgress, PullReport, Quiet};
 pub use unpack::{apply_stored_layer, unpack};

@@ -14,6 +14,46 @@ pub const MAX_MANIFEST: u64 = 4 << 20;
 /// The largest image configuration boxlet reads.
 pub const MAX_CONFIG: u64 = 16 << 20;
 
+/// The most layers an image may have (Docker refuses more than 127; overlayfs's options
+/// hold about as many lower directories).
+pub const MAX_LAYERS: usize = 128;
+/// The most bytes an image's blobs may declare together (the ext4 builder's limit on
+/// file contents too).
+pub const MAX_IMAGE_BYTES: u64 = 64 << 30;
+
+/// Refuse a manifest whose blobs no image needs and a host could not hold: more than
+/// [`MAX_LAYERS`] layers, a config past [`MAX_CONFIG`], more than [`MAX_IMAGE_BYTES`]
+/// declared in all. Checked before anything is fetched.
+pub fn check_bounds(manifest: &ImageManifest, what: &str) -> Result<()> {
+    let too_large = |reason: String| OciError::TooLarge {
+        what: what.to_string(),
+        reason,
+    };
+    let layers = manifest.layers();
+    if layers.len() > MAX_LAYERS {
+        return Err(too_large(format!(
+            "{} layers (at most {MAX_LAYERS})",
+            layers.len()
+        )));
+    }
+    let config = manifest.config().size();
+    if config > MAX_CONFIG {
+        return Err(too_large(format!(
+            "a config of {config} bytes (at most {MAX_CONFIG})"
+        )));
+    }
+    let total = layers
+        .iter()
+        .try_fold(config, |sum, l| sum.checked_add(l.size()))
+        .filter(|&t| t <= MAX_IMAGE_BYTES);
+    if total.is_none() {
+        return Err(too_large(format!(
+            "its blobs declare more than {MAX_IMAGE_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Media types of manifests and indexes, OCI and Docker.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// OCI image index.
@@ -124,6 +164,7 @@ pub struct LayerDesc {
 
 /// The config digest and layers of a manifest, checked.
 pub fn manifest_blobs(manifest: &ImageManifest, what: &str) -> Result<(Digest, Vec<LayerDesc>)> {
+    check_bounds(manifest, what)?;
     let config = digest_of(manifest.config(), what)?;
     let layers = manifest
         .layers()
@@ -264,5 +305,53 @@ mod tests {
         );
         assert_eq!(Compression::detect("", &[0x1f, 0x8b, 8]), Compression::Gzip);
         assert_eq!(Compression::detect("", b"usr/\0\0"), Compression::None);
+    }
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+
+    fn manifest(layers: usize, layer_size: u64, config_size: u64) -> ImageManifest {
+        let desc = |size: u64| {
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": format!("sha256:{}", "a".repeat(64)),
+                "size": size,
+            })
+        };
+        let json = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": format!("sha256:{}", "b".repeat(64)),
+                "size": config_size,
+            },
+            "layers": (0..layers).map(|_| desc(layer_size)).collect::<Vec<_>>(),
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn images_past_the_bounds_are_refused_naming_them() {
+        check_bounds(&manifest(MAX_LAYERS, 1 << 20, 1000), "ok").unwrap();
+        let e = check_bounds(&manifest(MAX_LAYERS + 1, 1, 1000), "img")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("img: refused") && e.contains("129 layers"),
+            "{e}"
+        );
+        let e = check_bounds(&manifest(1, 1, MAX_CONFIG + 1), "img")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config of"), "{e}");
+        let e = check_bounds(&manifest(2, MAX_IMAGE_BYTES / 2 + 1, 1), "img")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than"), "{e}");
+        // Sizes that overflow when summed.
+        assert!(check_bounds(&manifest(3, u64::MAX / 2, 1), "img").is_err());
     }
 }

@@ -12,8 +12,11 @@ use oci_client::{Client, Reference};
 use oci_spec::image::Descriptor;
 
 use crate::error::{OciError, Result};
+use crate::fetch::{Auth, RegistryHttp};
 use crate::image::record_image;
-use crate::manifest::{choose_platform, digest_of, parse_document, Document, ACCEPTED};
+use crate::manifest::{
+    check_bounds, choose_platform, digest_of, parse_document, Document, ACCEPTED,
+};
 
 /// Credentials for a registry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,6 +44,11 @@ pub struct PullOptions {
     pub credentials: Credentials,
     /// Layers fetched at once (0: 3).
     pub parallel: usize,
+    /// Send credentials over plain HTTP (`insecure`), where anyone on the way reads them.
+    pub credentials_over_http: bool,
+    /// Send a user's password to a token realm on another scheme or host than the
+    /// registry's, when the registry names one.
+    pub credentials_to_any_realm: bool,
 }
 
 /// Hears how a pull goes (for progress bars).
@@ -75,6 +83,7 @@ pub struct PullReport {
 struct Puller<'a> {
     store: &'a Store,
     client: Client,
+    http: RegistryHttp,
     reference: Reference,
     auth: RegistryAuth,
     lease: Lease,
@@ -104,6 +113,25 @@ pub async fn pull(
         platform_resolver: None,
         ..ClientConfig::default()
     });
+    let http = RegistryHttp::new(&parsed, opts.insecure);
+    let refused = |reason: &str| OciError::Refused {
+        what: format!("pulling {}", parsed.whole()),
+        reason: reason.to_string(),
+    };
+    if opts.credentials != Credentials::Anonymous && opts.insecure && !opts.credentials_over_http {
+        return Err(refused(
+            "credentials over plain HTTP could be read by anyone on the way              (allow it with --credentials-over-http)",
+        ));
+    }
+    if matches!(opts.credentials, Credentials::Basic { .. }) && !opts.credentials_to_any_realm {
+        if let Some(realm) = http.bearer_realm().await? {
+            if !http.realm_is_the_registrys(&realm) {
+                return Err(refused(&format!(
+                    "the registry sends credentials to {realm}, not to its own scheme and                      host (allow it with --credentials-to-any-realm)"
+                )));
+            }
+        }
+    }
     let auth = match &opts.credentials {
         Credentials::Anonymous => RegistryAuth::Anonymous,
         Credentials::Basic { user, password } => {
@@ -114,6 +142,7 @@ pub async fn pull(
     let puller = Puller {
         store,
         client,
+        http,
         reference: parsed.clone(),
         auth,
         lease: store.lease(),
@@ -130,18 +159,14 @@ impl Puller<'_> {
         }
     }
 
-    /// Fetch a manifest or index by tag or digest, verify it, store it.
-    async fn manifest(&self, reference: &Reference) -> Result<(Digest, Document)> {
-        let (bytes, announced) = self
-            .client
-            .pull_manifest_raw(reference, &self.auth, &ACCEPTED)
-            .await
-            .map_err(self.registry_err())?;
+    /// Fetch a manifest or index by tag or digest (bounded), verify it, store it.
+    async fn manifest(&self, reference: &Reference, auth: &Auth) -> Result<(Digest, Document)> {
+        let (bytes, announced) = self.http.manifest(reference, auth, &ACCEPTED).await?;
         let actual = Digest::of(Algorithm::Sha256, &bytes);
         // A manifest asked for by digest must be that digest; by tag, the registry's
         // Docker-Content-Digest header is checked when it is sha256.
-        let wanted = reference.digest().map(str::to_string).unwrap_or(announced);
-        if let Ok(expected) = wanted.parse::<Digest>() {
+        let wanted = reference.digest().map(str::to_string).or(announced);
+        if let Some(Ok(expected)) = wanted.map(|w| w.parse::<Digest>()) {
             if expected != actual {
                 return Err(boxlet_cas::CasError::DigestMismatch { expected, actual }.into());
             }
@@ -191,7 +216,8 @@ impl Puller<'_> {
     }
 
     async fn run(&self, whole: &str, parallel: usize) -> Result<PullReport> {
-        self.client
+        let token = self
+            .client
             .auth(
                 &self.reference,
                 &self.auth,
@@ -199,7 +225,14 @@ impl Puller<'_> {
             )
             .await
             .map_err(self.registry_err())?;
-        let (top, doc) = self.manifest(&self.reference).await?;
+        let auth = match (token, &self.auth) {
+            (Some(token), _) => Auth::Bearer(token),
+            (None, RegistryAuth::Basic(user, password)) => {
+                Auth::Basic(user.clone(), password.clone())
+            }
+            (None, _) => Auth::None,
+        };
+        let (top, doc) = self.manifest(&self.reference, &auth).await?;
         let (index, manifest_digest, manifest) = match doc {
             Document::Manifest(m) => (None, top, m),
             Document::Index(index) => {
@@ -207,7 +240,7 @@ impl Puller<'_> {
                 let by_digest = self
                     .reference
                     .clone_with_digest(chosen.digest().to_string());
-                match self.manifest(&by_digest).await? {
+                match self.manifest(&by_digest, &auth).await? {
                     (d, Document::Manifest(m)) => (Some(top), d, m),
                     (d, Document::Index(_)) => {
                         return Err(OciError::malformed(
@@ -218,6 +251,8 @@ impl Puller<'_> {
                 }
             }
         };
+        // Nothing is fetched for an image past the bounds.
+        check_bounds(&manifest, &manifest_digest.to_string())?;
         let mut blobs = vec![manifest.config().clone()];
         blobs.extend(manifest.layers().iter().cloned());
         let results: Vec<(bool, u64)> =

@@ -88,8 +88,11 @@ pub fn unpack(
     let image = StoredImage::open(store, reference)?;
     std::fs::create_dir_all(dir).map_err(OciError::io("creating", dir))?;
     let mut total = ApplyReport::default();
+    let mut opts = *opts;
     for layer in &image.layers {
-        let r = apply_stored_layer(store, layer, dir, opts)?;
+        let r = apply_stored_layer(store, layer, dir, &opts)?;
+        // The bounds hold for the image as a whole.
+        opts.limits = opts.limits.after(&r);
         total.files += r.files;
         total.bytes += r.bytes;
         total.dirs += r.dirs;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Read as _;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -473,4 +474,105 @@ fn truncated_and_garbage_layers_are_errors_not_panics() {
     }
     let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
     assert!(apply_layer(&s.root, garbage.as_slice(), &ApplyOptions::default()).is_err());
+}
+
+/// A tar stream of one `size`-byte file of zeros, made on the fly (never held whole).
+fn zeros_layer(size: u64) -> impl std::io::Read {
+    let mut h = tar::Header::new_gnu();
+    h.set_path("big").unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(size);
+    h.set_cksum();
+    let pad = (512 - size % 512) % 512;
+    std::io::Cursor::new(h.as_bytes().to_vec())
+        .chain(std::io::repeat(0).take(size + pad))
+        .chain(std::io::Cursor::new(vec![0u8; 1024]))
+}
+
+#[test]
+fn a_layer_that_never_stops_is_refused_at_the_byte_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    // 64 MiB of zeros gzip to about 64 KiB: a bomb in small.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::copy(&mut zeros_layer(64 << 20), &mut gz).unwrap();
+    let bomb = gz.finish().unwrap();
+    assert!(bomb.len() < 1 << 20);
+    let opts = ApplyOptions {
+        limits: boxlet_oci::ApplyLimits {
+            max_bytes: 1 << 20,
+            ..Default::default()
+        },
+        ..ApplyOptions::default()
+    };
+    let plain = flate2::read::GzDecoder::new(&bomb[..]);
+    let e = apply_layer(&root, plain, &opts).unwrap_err().to_string();
+    assert!(
+        e.contains("big") && e.contains("more than 1048576 bytes"),
+        "{e}"
+    );
+    let written = fs::metadata(root.join("big")).map_or(0, |m| m.len());
+    assert!(
+        written <= (1 << 20) + (256 << 10),
+        "{written} bytes written"
+    );
+    // The default bound is the ext4 builder's.
+    assert_eq!(
+        ApplyOptions::default().limits.max_bytes,
+        boxlet_ext4::LayerLimits::default().max_total_bytes
+    );
+}
+
+#[test]
+fn too_many_entries_or_too_deep_a_path_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+    let entries: Vec<E<'_>> = names.iter().map(|n| file(n, b"x")).collect();
+    let opts = ApplyOptions {
+        limits: boxlet_oci::ApplyLimits {
+            max_entries: 10,
+            ..Default::default()
+        },
+        ..ApplyOptions::default()
+    };
+    let e = apply_layer(&root, &layer(&entries)[..], &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 10 entries"), "{e}");
+    // A path of 301 components, in a GNU long-name record.
+    let deep = "d/".repeat(300) + "f";
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(1);
+    b.append_data(&mut h, &deep, &b"x"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let e = apply_layer(&root, &tar[..], &ApplyOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("deeper than 256"), "{e}");
+}
+
+#[test]
+fn a_huge_pax_header_is_refused_before_it_is_read_into_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    // A PAX record claiming 1 GiB: the guard stops it at its header.
+    let mut h = tar::Header::new_ustar();
+    h.set_path("PaxHeaders/big").unwrap();
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_size(1 << 30);
+    h.set_cksum();
+    let stream =
+        std::io::Cursor::new(h.as_bytes().to_vec()).chain(std::io::repeat(b'a').take(1 << 30));
+    let e = apply_layer(&root, stream, &ApplyOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PAX header record of 1073741824 bytes"), "{e}");
 }

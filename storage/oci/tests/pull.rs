@@ -20,6 +20,15 @@ fn insecure() -> PullOptions {
     }
 }
 
+/// Plain HTTP to a test registry, credentials allowed over it.
+fn insecure_with(credentials: Credentials) -> PullOptions {
+    PullOptions {
+        credentials,
+        credentials_over_http: true,
+        ..insecure()
+    }
+}
+
 #[derive(Default)]
 struct Counting {
     bytes: AtomicU64,
@@ -136,24 +145,32 @@ async fn basic_auth_is_sent_when_given_and_its_absence_is_a_clear_error() {
         .unwrap_err();
     assert!(matches!(err, OciError::Registry { .. }), "{err}");
     assert!(err.to_string().contains(&reference), "{err}");
-    let wrong = PullOptions {
-        credentials: Credentials::Basic {
-            user: "boxlet".into(),
-            password: "wrong".into(),
-        },
-        ..insecure()
-    };
+    let wrong = insecure_with(Credentials::Basic {
+        user: "boxlet".into(),
+        password: "wrong".into(),
+    });
     assert!(pull(&store, &reference, &wrong, Arc::new(Quiet))
         .await
         .is_err());
 
-    let right = PullOptions {
-        credentials: Credentials::Basic {
-            user: "boxlet".into(),
-            password: "s3cret".into(),
+    let right = insecure_with(Credentials::Basic {
+        user: "boxlet".into(),
+        password: "s3cret".into(),
+    });
+    // Not over plain HTTP unless asked.
+    let err = pull(
+        &store,
+        &reference,
+        &PullOptions {
+            credentials_over_http: false,
+            ..right.clone()
         },
-        ..insecure()
-    };
+        Arc::new(Quiet),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, OciError::Refused { .. }), "{err}");
+    assert!(err.to_string().contains("--credentials-over-http"), "{err}");
     let report = pull(&store, &reference, &right, Arc::new(Quiet))
         .await
         .unwrap();
@@ -226,18 +243,37 @@ async fn bearer_tokens_are_fetched_from_the_realm_the_registry_names() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains(&reference), "{err}");
-    let with_user = PullOptions {
-        credentials: Credentials::Basic {
-            user: "boxlet".into(),
-            password: "tok3n".into(),
-        },
-        ..insecure()
-    };
+    let with_user = insecure_with(Credentials::Basic {
+        user: "boxlet".into(),
+        password: "tok3n".into(),
+    });
     let report = pull(&store, &reference, &with_user, Arc::new(Quiet))
         .await
         .unwrap();
     assert_eq!(report.fetched, 3);
     assert!(store.verify().unwrap().problems.is_empty());
+
+    // A realm on another host than the registry's (the registry reached as localhost,
+    // its realm naming 127.0.0.1) does not get the password unless asked.
+    let port = private.addr.rsplit_once(':').unwrap().1;
+    let elsewhere = format!("localhost:{port}/private/busybox:latest");
+    let (_dir3, store) = common::store();
+    let err = pull(&store, &elsewhere, &with_user, Arc::new(Quiet))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OciError::Refused { .. }), "{err}");
+    assert!(
+        err.to_string().contains("--credentials-to-any-realm"),
+        "{err}"
+    );
+    let anywhere = PullOptions {
+        credentials_to_any_realm: true,
+        ..with_user
+    };
+    let report = pull(&store, &elsewhere, &anywhere, Arc::new(Quiet))
+        .await
+        .unwrap();
+    assert_eq!(report.fetched, 3);
 }
 
 #[tokio::test]
@@ -282,4 +318,71 @@ async fn a_pulled_distribution_unpacks_to_the_tree_it_was_built_from() {
         "{} entries, differing: {differ:#?}",
         want.len()
     );
+}
+
+/// A registry that answers `/v2/` and then serves every manifest as `body_len` bytes of
+/// JSON-looking text (streamed, never held), with a Content-Length when `announce`.
+async fn endless_manifest_registry(body_len: u64, announce: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut b = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&b[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&req);
+                if !head.contains("/manifests/") {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                        )
+                        .await;
+                    return;
+                }
+                let length = if announce {
+                    format!("Content-Length: {body_len}\r\n")
+                } else {
+                    String::new()
+                };
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n{length}Connection: close\r\n\r\n"
+                );
+                if s.write_all(header.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 64 << 10];
+                let mut sent = 0;
+                while sent < body_len {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    sent += chunk.len() as u64;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_manifest_past_four_mebibytes_is_refused_without_reading_it_whole() {
+    for announce in [false, true] {
+        let addr = endless_manifest_registry(1 << 30, announce).await;
+        let (_dir, store) = store();
+        let reference = format!("{addr}/huge/manifest:1");
+        let err = pull(&store, &reference, &insecure(), Arc::new(Quiet))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, OciError::TooLarge { .. }), "{err}");
+        let e = err.to_string();
+        assert!(e.contains(&reference) && e.contains("4194304"), "{e}");
+        assert!(store.list_blobs().unwrap().is_empty());
+    }
 }

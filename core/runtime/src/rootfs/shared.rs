@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use boxlet_cas::Store;
-use boxlet_oci::{ApplyOptions, DevicePolicy, StoredImage, Whiteouts, XattrPolicy};
+use boxlet_oci::{ApplyLimits, ApplyOptions, DevicePolicy, StoredImage, Whiteouts, XattrPolicy};
 
 use crate::rootfs::{Home, PrepareRequest, RootfsError, CACHE_IDS};
 
@@ -30,6 +30,7 @@ pub(crate) fn cache_id_base() -> Option<u32> {
 pub(crate) fn cache_apply_options(whiteouts: Whiteouts) -> ApplyOptions {
     let shifted = cache_id_base().is_some();
     ApplyOptions {
+        limits: ApplyLimits::default(),
         devices: DevicePolicy::Skip,
         owners: shifted,
         id_shift: shifted.then_some(CACHE_IDS),
