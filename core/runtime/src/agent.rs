@@ -79,6 +79,133 @@ pub struct AgentClient {
     output_limit: usize,
 }
 
+/// Bounds and policy of [`AgentClient::copy_out_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOutOptions {
+    /// Bytes of file contents, at most (as the tar headers declare them).
+    pub max_bytes: u64,
+    /// Entries, at most.
+    pub max_entries: u64,
+    /// Make symlinks whose targets stay inside the copied tree (relative, never above
+    /// it); others, and all symlinks without this, are left out.
+    pub symlinks: bool,
+}
+
+impl Default for CopyOutOptions {
+    /// 4 GiB, a million entries, no symlinks.
+    fn default() -> Self {
+        Self {
+            max_bytes: 4 << 30,
+            max_entries: 1 << 20,
+            symlinks: false,
+        }
+    }
+}
+
+/// What a copy out made, and what it left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyOutReport {
+    /// Regular files.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Symlinks.
+    pub symlinks: u64,
+    /// Entries left out: links pointing out, devices, FIFOs, sockets, sparse files, and
+    /// symlinks unless asked for.
+    pub skipped: u64,
+}
+
+/// Whether the symlink `link` (a path in the tree) to `target` stays inside the tree.
+fn link_stays_inside(link: &Path, target: &Path) -> bool {
+    use std::path::Component;
+    let mut depth = link.components().count().saturating_sub(1) as i64;
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                // The top directory's own parent is outside.
+                if depth < 1 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
+/// Unpack a copy-out tar stream into `root`, every entry under `top`, by `opts`.
+fn unpack_copy(
+    from: impl io::Read,
+    root: &Path,
+    top: &Path,
+    opts: &CopyOutOptions,
+) -> io::Result<CopyOutReport> {
+    let mut ar = tar::Archive::new(from);
+    ar.set_preserve_permissions(false);
+    ar.set_preserve_ownerships(false);
+    ar.set_unpack_xattrs(false);
+    ar.set_preserve_mtime(true);
+    let mut r = CopyOutReport::default();
+    let refuse = |why: String| Err(io::Error::new(io::ErrorKind::InvalidData, why));
+    for (n, entry) in ar.entries()?.enumerate() {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        if path.components().next().map(|c| c.as_os_str()) != Some(top.as_os_str()) {
+            return refuse(format!(
+                "the guest sent {} outside {}",
+                path.display(),
+                top.display()
+            ));
+        }
+        if n as u64 >= opts.max_entries {
+            return refuse(format!("more than {} entries", opts.max_entries));
+        }
+        let is_top = path.components().count() == 1;
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                r.bytes = r.bytes.saturating_add(entry.header().size()?);
+                if r.bytes > opts.max_bytes {
+                    return refuse(format!(
+                        "more than {} bytes (at {})",
+                        opts.max_bytes,
+                        path.display()
+                    ));
+                }
+                r.files += 1;
+            }
+            tar::EntryType::Directory => r.dirs += 1,
+            tar::EntryType::Symlink if !is_top && opts.symlinks => {
+                let target = entry.link_name()?.unwrap_or_default().into_owned();
+                if !link_stays_inside(&path, &target) {
+                    r.skipped += 1;
+                    continue;
+                }
+                r.symlinks += 1;
+            }
+            _ if is_top => {
+                return refuse(format!(
+                    "{} is a {kind:?}, not a file or a directory",
+                    path.display()
+                ))
+            }
+            _ => {
+                r.skipped += 1;
+                continue;
+            }
+        }
+        // unpack_in keeps every entry inside `root` (no .., no symlink escapes).
+        entry.unpack_in(root)?;
+    }
+    Ok(r)
+}
+
 /// How long a request may wait for its answer (not for a process to run).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much output [`AgentClient::run`] collects at most.
@@ -532,11 +659,34 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Copy a guest file or tree into the host directory `host_dir` with the default
+    /// [`CopyOutOptions`] (see [`AgentClient::copy_out_with`]).
+    pub async fn copy_out(
+        &self,
+        guest: &str,
+        host_dir: &Path,
+    ) -> Result<CopyOutReport, AgentError> {
+        self.copy_out_with(guest, host_dir, &CopyOutOptions::default())
+            .await
+    }
+
     /// Copy a guest file or tree into the host directory `host_dir`, as
     /// `host_dir/<last component of guest>`, which must not exist yet. The tar stream is
-    /// unpacked as it arrives into a fresh directory beside it (entries outside that one
-    /// name are refused), then renamed into place: nothing else in `host_dir` can change.
-    pub async fn copy_out(&self, guest: &str, host_dir: &Path) -> Result<(), AgentError> {
+    /// unpacked as it arrives into a private (0700) directory beside it (entries outside
+    /// that one name are refused), then renamed into place: nothing else in `host_dir`
+    /// can change.
+    ///
+    /// The guest is hostile: each frame must come within the request timeout; the bytes
+    /// and entries it may send are capped ([`CopyOutOptions`]); only regular files and
+    /// directories are made (symlinks when asked, and only ones that stay inside the
+    /// tree), anything else is left out and counted; the top may not be a link; modes
+    /// lose their set-ID and sticky bits and everything belongs to the caller.
+    pub async fn copy_out_with(
+        &self,
+        guest: &str,
+        host_dir: &Path,
+        opts: &CopyOutOptions,
+    ) -> Result<CopyOutReport, AgentError> {
         let name = Path::new(guest)
             .file_name()
             .map(|n| n.to_os_string())
@@ -553,6 +703,7 @@ impl AgentClient {
         }
         let staging = tempfile::Builder::new()
             .prefix(".boxlet-copy-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(host_dir)
             .map_err(|source| AgentError::Io {
                 what: format!("staging in {}", host_dir.display()),
@@ -567,30 +718,22 @@ impl AgentClient {
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
         let root = staging.path().to_path_buf();
         let top = name.clone();
-        let unpack = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let mut ar = tar::Archive::new(ChannelReader {
-                rx,
-                buf: Vec::new(),
-                pos: 0,
-            });
-            for entry in ar.entries()? {
-                let mut entry = entry?;
-                let path = entry.path()?.into_owned();
-                if path.components().next().map(|c| c.as_os_str()) != Some(top.as_os_str()) {
-                    return Err(io::Error::other(format!(
-                        "the guest sent {} outside {}",
-                        path.display(),
-                        Path::new(&top).display()
-                    )));
-                }
-                // unpack_in keeps every entry inside `root` (no .., no symlink escapes).
-                entry.unpack_in(&root)?;
-            }
-            Ok(())
+        let opts = *opts;
+        let unpack = tokio::task::spawn_blocking(move || {
+            unpack_copy(
+                ChannelReader {
+                    rx,
+                    buf: Vec::new(),
+                    pos: 0,
+                },
+                &root,
+                Path::new(&top),
+                &opts,
+            )
         });
         let received = async {
             loop {
-                let f = c.expect().await?;
+                let f = self.bounded("copy out", c.expect()).await?;
                 match f.kind {
                     Kind::Data => {
                         if tx.send(f.payload).await.is_err() {
@@ -611,7 +754,7 @@ impl AgentClient {
             source: io::Error::other(e),
         })?;
         received?;
-        unpacked.map_err(|source| AgentError::Io {
+        let report = unpacked.map_err(|source| AgentError::Io {
             what: format!("unpacking {guest} into {}", host_dir.display()),
             source,
         })?;
@@ -619,7 +762,8 @@ impl AgentClient {
         std::fs::rename(staging.path().join(&name), &dest).map_err(|source| AgentError::Io {
             what: format!("moving {} into place", dest.display()),
             source,
-        })
+        })?;
+        Ok(report)
     }
 
     /// Ask the guest to sync and power off.    /// Ask the guest to sync and power off.

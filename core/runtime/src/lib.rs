@@ -19,7 +19,10 @@ pub mod process;
 pub mod rootfs;
 pub mod vm;
 
-pub use agent::{AgentClient, AgentError, Connector, ExecEvent, ExecSession, Output};
+pub use agent::{
+    AgentClient, AgentError, Connector, CopyOutOptions, CopyOutReport, ExecEvent, ExecSession,
+    Output,
+};
 pub use boxlet_guest::proto::{Exec, ExitStatus, Setup};
 pub use disk_store::{DiskStore, DiskStoreError, MemoryDiskStore};
 pub use hypervisor::{

@@ -458,3 +458,137 @@ async fn copy_out_keeps_a_hostile_tar_inside_its_one_name() {
         .unwrap_err();
     assert!(e.to_string().contains("exists"), "{e}");
 }
+
+/// A guest's copy-out answer: `tar` in one Data frame, then the end (or, without
+/// `finish`, nothing more).
+fn copy_reply(tar: &[u8], finish: bool) -> Vec<u8> {
+    use boxlet_guest::proto::Kind;
+    let mut reply = frame(Kind::Data, tar);
+    if finish {
+        reply.extend(frame(Kind::DataEof, b""));
+        reply.extend(frame(Kind::Done, b"{}"));
+    }
+    reply
+}
+
+/// A tar of hostile entries under `data/`.
+fn hostile_tree() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut put = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        if link.is_empty() {
+            b.append_data(&mut h, path, data).unwrap();
+        } else {
+            b.append_link(&mut h, path, link).unwrap();
+        }
+    };
+    put("data/", tar::EntryType::Directory, 0o755, b"", "");
+    put("data/f", tar::EntryType::Regular, 0o644, b"file", "");
+    put("data/suid", tar::EntryType::Regular, 0o4755, b"#!", "");
+    put("data/fifo", tar::EntryType::Fifo, 0o666, b"", "");
+    put("data/etc", tar::EntryType::Symlink, 0o777, b"", "/etc");
+    put(
+        "data/up",
+        tar::EntryType::Symlink,
+        0o777,
+        b"",
+        "../../outside",
+    );
+    put("data/ok", tar::EntryType::Symlink, 0o777, b"", "f");
+    b.into_inner().unwrap()
+}
+
+#[tokio::test]
+async fn copy_out_makes_only_files_and_directories_without_set_id_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = hostile_tree();
+    for symlinks in [false, true] {
+        let host = tempfile::tempdir().unwrap();
+        let (_d, sock) = fake_agent(copy_reply(&tree, true));
+        let opts = boxlet::CopyOutOptions {
+            symlinks,
+            ..Default::default()
+        };
+        let r = AgentClient::new(Connector::Unix(sock))
+            .copy_out_with("/srv/data", host.path(), &opts)
+            .await
+            .unwrap();
+        let data = host.path().join("data");
+        assert_eq!(std::fs::read(data.join("f")).unwrap(), b"file");
+        let suid = std::fs::metadata(data.join("suid")).unwrap();
+        assert_eq!(suid.permissions().mode() & 0o7000, 0, "set-ID bits dropped");
+        assert!(data.join("fifo").symlink_metadata().is_err(), "no FIFO");
+        assert!(
+            data.join("etc").symlink_metadata().is_err(),
+            "no link to /etc"
+        );
+        assert!(data.join("up").symlink_metadata().is_err(), "no link above");
+        assert_eq!(data.join("ok").symlink_metadata().is_ok(), symlinks);
+        assert_eq!((r.files, r.dirs, r.symlinks), (2, 1, u64::from(symlinks)));
+        assert_eq!(r.skipped, if symlinks { 3 } else { 4 });
+        // Only `data` beside it: the staging directory is gone.
+        assert_eq!(std::fs::read_dir(host.path()).unwrap().count(), 1);
+    }
+}
+
+#[tokio::test]
+async fn copy_out_is_bounded_in_bytes_entries_time_and_refuses_a_top_level_link() {
+    let host = tempfile::tempdir().unwrap();
+    // A 10 GiB file declared: refused at its header, nothing written.
+    let mut h = tar::Header::new_gnu();
+    h.set_path("data").unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(10 << 30);
+    h.set_cksum();
+    let (_d, sock) = fake_agent(copy_reply(h.as_bytes(), true));
+    let e = AgentClient::new(Connector::Unix(sock))
+        .copy_out("/srv/data", host.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 4294967296 bytes"), "{e}");
+    // Too many entries.
+    let (_d, sock) = fake_agent(copy_reply(&hostile_tree(), true));
+    let opts = boxlet::CopyOutOptions {
+        max_entries: 2,
+        ..Default::default()
+    };
+    let e = AgentClient::new(Connector::Unix(sock))
+        .copy_out_with("/srv/data", host.path(), &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 2 entries"), "{e}");
+    // The top itself a symlink.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    h.set_mode(0o777);
+    b.append_link(&mut h, "data", "/etc").unwrap();
+    let (_d, sock) = fake_agent(copy_reply(&b.into_inner().unwrap(), true));
+    let e = AgentClient::new(Connector::Unix(sock))
+        .copy_out("/srv/data", host.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a file or a directory"), "{e}");
+    // A guest that starts and then says nothing.
+    let (_d, sock) = fake_agent(copy_reply(&hostile_tree()[..512], false));
+    let e = AgentClient::new(Connector::Unix(sock))
+        .with_timeout(Duration::from_millis(300))
+        .copy_out("/srv/data", host.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no answer from the agent"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(host.path()).unwrap().count(),
+        0,
+        "nothing left"
+    );
+}
