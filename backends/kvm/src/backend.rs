@@ -24,21 +24,7 @@ pub struct KvmBackend {
 /// The `boxlet-vmm` helper: `$BOXLET_VMM`, else beside this executable (or its parent
 /// directory, for test binaries under `target/*/deps`), else in `PATH`.
 pub fn find_vmm() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("BOXLET_VMM") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    let mut dirs = vec![dir.to_path_buf()];
-    if let Some(parent) = dir.parent() {
-        dirs.push(parent.to_path_buf());
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("boxlet-vmm"))
-        .find(|p| p.is_file())
+    boxlet::process::find_helper("BOXLET_VMM", "boxlet-vmm")
 }
 
 impl KvmBackend {
@@ -101,7 +87,14 @@ impl Hypervisor for KvmBackend {
         };
         // One virtiofsd per share, listening before the VMM connects; they are killed if
         // a later step fails (kill_on_drop) and when the VMM ends.
-        let mut daemons = start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec).await?;
+        let mut daemons = start_virtiofsds(
+            NAME,
+            self.virtiofsd.as_deref(),
+            &spec,
+            // boxlet-vmm and its daemons get the jail with its seccomp filters (issue 15).
+            &boxlet::jail::Jailer::Off,
+        )
+        .await?;
         let spec_path = spec.run_dir.join("vmm.json");
         let json = serde_json::to_vec(&spec).map_err(|e| start(e.to_string()))?;
         std::fs::write(&spec_path, json).map_err(|e| start(e.to_string()))?;

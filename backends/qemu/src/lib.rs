@@ -21,6 +21,7 @@ use boxlet::hypervisor::{
     AccelPolicy, Acceleration, Capabilities, DiskFormat, Hypervisor, HypervisorError, Vm, VmExit,
     VmSpec,
 };
+use boxlet::jail::{system_binds, vm_binds, Bind, JailSpec, Jailer};
 use boxlet::process::{
     classify, find_program, owned, start_daemon, start_virtiofsds, wait_or_stop, MonitoredVm,
 };
@@ -36,6 +37,7 @@ pub struct Qemu {
     virtiofsd: Option<PathBuf>,
     accel: Acceleration,
     why: String,
+    jailer: Jailer,
 }
 
 /// Whether QEMU can use KVM to boot Linux here, and why (or why not).
@@ -108,6 +110,7 @@ impl Qemu {
             virtiofsd: find_program("virtiofsd"),
             accel,
             why,
+            jailer: Jailer::new(NAME)?,
         })
     }
 
@@ -151,6 +154,10 @@ impl Qemu {
             "-display",
             "none",
             "-no-reboot",
+            // QEMU's own seccomp filter: no obsolete syscalls, no privilege changes, no
+            // new processes, no scheduler or resource changes.
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             // The console comes out of QEMU's stdout, which the monitor writes to the
             // console log up to a limit (a guest cannot fill the host's disk).
             "-serial",
@@ -253,6 +260,17 @@ impl Hypervisor for Qemu {
                 sock.display(),
                 v.uds_path.display()
             ));
+            let mut binds = system_binds();
+            binds.push(Bind::rw(&spec.run_dir));
+            let jail = JailSpec {
+                root: spec.run_dir.join("jail-vsock"),
+                binds,
+                keep_caps: Vec::new(),
+            };
+            let cmd = self
+                .jailer
+                .wrap(jail, cmd)
+                .map_err(|e| start_err("vhost-device-vsock", e))?;
             sockets.push(sock.clone());
             sockets.push(v.uds_path.clone());
             let log = spec.run_dir.join("vhost-device-vsock.log");
@@ -260,13 +278,29 @@ impl Hypervisor for Qemu {
             vsock_sock = Some(sock);
         }
         let mut fs_socks = Vec::new();
-        for (daemon, sock) in start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec).await? {
+        let virtiofsds =
+            start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec, &self.jailer).await?;
+        for (daemon, sock) in virtiofsds {
             daemons.push(daemon);
             sockets.push(sock.clone());
             fs_socks.push(sock);
         }
         let mut cmd = owned(&self.qemu);
         cmd.args(self.args(&spec, vsock_sock.as_deref(), &fs_socks));
+        let mut binds = system_binds();
+        binds.extend(vm_binds(&spec).map_err(|e| start_err("qemu", e))?);
+        if self.accel == Acceleration::Kvm {
+            binds.push(Bind::dev("/dev/kvm"));
+        }
+        let jail = JailSpec {
+            root: spec.run_dir.join("jail-qemu"),
+            binds,
+            keep_caps: Vec::new(),
+        };
+        let mut cmd = self
+            .jailer
+            .wrap(jail, cmd)
+            .map_err(|e| start_err("qemu", e))?;
         let stderr_log = spec.run_dir.join("qemu.stderr");
         let err = std::fs::File::create(&stderr_log).map_err(|e| start_err("qemu", e))?;
         cmd.stdout(Stdio::piped()).stderr(err);
@@ -360,6 +394,7 @@ mod tests {
             virtiofsd: None,
             accel: Acceleration::Tcg,
             why: String::new(),
+            jailer: Jailer::Off,
         };
         let spec = VmSpec {
             name: "t".into(),
@@ -419,6 +454,12 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-accel tcg -cpu max"), "{a}");
+        assert!(
+            a.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{a}"
+        );
         assert!(
             a.contains("-serial stdio") && a.contains("-display none"),
             "{a}"

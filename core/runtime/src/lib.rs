@@ -6,6 +6,7 @@
 //! - [`vm`]: boot a VM on any backend to a ready agent.
 //! - [`initramfs`]: the agent's initramfs for directory roots.
 //! - [`console`]: bounded console logs.
+//! - [`jail`]: the jail every VMM process and daemon starts in (`boxlet-jail`).
 //! - [`process`]: waiting for, stopping and classifying VMM processes.
 //! - [`rootfs`]: the `RootfsStrategy` trait, the strategies, and the versioned base-disk
 //!   cache.
@@ -15,6 +16,7 @@ pub mod console;
 pub mod disk_store;
 pub mod hypervisor;
 pub mod initramfs;
+pub mod jail;
 pub mod process;
 pub mod rootfs;
 pub mod vm;

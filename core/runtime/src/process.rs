@@ -27,6 +27,25 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// One of boxlet's helper programs (`boxlet-vmm`, `boxlet-jail`): the path in `$var`,
+/// else `name` beside this executable (or in its parent directory, for test binaries
+/// under `target/*/deps`), else in `PATH`.
+pub fn find_helper(var: &str, name: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let mut dirs = vec![dir.to_path_buf()];
+    if let Some(parent) = dir.parent() {
+        dirs.push(parent.to_path_buf());
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
 /// How to install `virtiofsd`, for errors that find it missing.
 pub const VIRTIOFSD_HINT: &str =
     "apt-get install libseccomp-dev libcap-ng-dev; cargo install virtiofsd --version 1.14.0 --locked";
@@ -138,6 +157,7 @@ pub async fn start_virtiofsds(
     backend: &'static str,
     program: Option<&Path>,
     spec: &VmSpec,
+    jailer: &crate::jail::Jailer,
 ) -> Result<Vec<(Child, PathBuf)>, HypervisorError> {
     let mut daemons = Vec::new();
     for (i, share) in spec.shares.iter().enumerate() {
@@ -162,7 +182,22 @@ pub async fn start_virtiofsds(
         };
         let socket = virtiofs_socket(&spec.run_dir, i);
         let log = virtiofsd_log(&spec.run_dir, i);
+        let mut binds = crate::jail::system_binds();
+        binds.push(crate::jail::Bind::rw(&spec.run_dir));
+        binds.push(crate::jail::Bind {
+            path: share.host_path.clone(),
+            writable: !share.read_only,
+            device: false,
+        });
+        let jail = crate::jail::JailSpec {
+            root: spec.run_dir.join(format!("jail-virtiofsd{i}")),
+            binds,
+            keep_caps: crate::jail::VIRTIOFSD_CAPS.to_vec(),
+        };
         let cmd = virtiofsd_command(program, &share, &socket, (meta.uid(), meta.gid()));
+        let cmd = jailer
+            .wrap(jail, cmd)
+            .map_err(|e| refused(format!("preparing its jail: {e}")))?;
         daemons.push((
             start_daemon(backend, "virtiofsd", cmd, &socket, &log).await?,
             socket,

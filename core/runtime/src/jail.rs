@@ -1,0 +1,422 @@
+//! The jail every VMM process and helper daemon starts in: `boxlet-jail SPEC PROGRAM
+//! ARGS...` (this crate's small binary, Firecracker's jailer in spirit) puts PROGRAM in
+//! new mount, PID, IPC, UTS and network namespaces, on a root of its own that holds only
+//! what [`JailSpec`] binds into it (read-only unless said, `nosuid` and `nodev` unless a
+//! device is the point), with fresh `/proc` and `/tmp`, the old root detached, every
+//! capability but the ones the program needs dropped from its bounding set, no new
+//! privileges, no core dumps; then it runs PROGRAM.
+//!
+//! The launcher is shared: [`jailed`] turns a spec and a program into the command a
+//! backend spawns, so QEMU, `virtiofsd` and `vhost-device-vsock` (and, next, boxlet-vmm
+//! and the network daemons) are confined the same way. It needs root today (mounting and
+//! unsharing); a user namespace for rootless boxlet is still to come, and without root the
+//! launcher says so rather than running the program unconfined. `BOXLET_JAIL=off` turns
+//! it off explicitly (with a warning).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+
+use crate::hypervisor::HypervisorError;
+
+/// A host path the jailed program sees, at the same path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    /// The file or directory (a symlink is recreated as a symlink, not followed).
+    pub path: PathBuf,
+    /// The program may write to it.
+    pub writable: bool,
+    /// It is a device node the program opens (`/dev/kvm`): the mount keeps devices
+    /// usable. Everything else is `nodev`.
+    pub device: bool,
+}
+
+impl Bind {
+    /// Read-only, no devices.
+    pub fn ro(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            writable: false,
+            device: false,
+        }
+    }
+
+    /// Writable, no devices.
+    pub fn rw(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            writable: true,
+            device: false,
+        }
+    }
+
+    /// A device node, read-write.
+    pub fn dev(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            writable: true,
+            device: true,
+        }
+    }
+}
+
+/// What a jail holds and keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailSpec {
+    /// An empty directory on the host the new root is mounted on (in the jail's own
+    /// mount namespace only).
+    pub root: PathBuf,
+    /// What the program sees besides `/proc`, `/tmp` and the system's shared libraries.
+    pub binds: Vec<Bind>,
+    /// Capabilities (numbers, as in `linux/capability.h`) left in the bounding set; all
+    /// others are dropped. Empty for a VMM.
+    pub keep_caps: Vec<u8>,
+}
+
+/// What every jailed program needs to run at all: the system's programs and shared
+/// libraries (read-only), the loader's cache, and the harmless device nodes.
+pub fn system_binds() -> Vec<Bind> {
+    let mut b: Vec<Bind> = [
+        "/usr",
+        "/lib",
+        "/lib64",
+        "/lib32",
+        "/libx32",
+        "/bin",
+        "/sbin",
+        "/etc/ld.so.cache",
+    ]
+    .into_iter()
+    .filter(|p| Path::new(p).symlink_metadata().is_ok())
+    .map(Bind::ro)
+    .collect();
+    b.extend(
+        ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"]
+            .into_iter()
+            .map(Bind::dev),
+    );
+    b
+}
+
+/// What a VMM needs of `spec`: its run directory (sockets, logs), the kernel and initrd,
+/// and every disk with its whole qcow2 backing chain (read-only below the top).
+pub fn vm_binds(spec: &crate::hypervisor::VmSpec) -> io::Result<Vec<Bind>> {
+    let mut b = vec![Bind::rw(&spec.run_dir), Bind::ro(&spec.kernel)];
+    b.extend(spec.initrd.iter().map(Bind::ro));
+    for disk in &spec.disks {
+        b.push(if disk.read_only {
+            Bind::ro(&disk.path)
+        } else {
+            Bind::rw(&disk.path)
+        });
+        let mut at = disk.path.clone();
+        for _ in 0..16 {
+            let Ok(Some(backing)) = boxlet_qcow2::read_backing_file_path(&at) else {
+                break;
+            };
+            let backing = match at.parent() {
+                Some(dir) => dir.join(backing),
+                None => PathBuf::from(backing),
+            };
+            b.push(Bind::ro(&backing));
+            at = backing;
+        }
+    }
+    Ok(b)
+}
+
+/// Capabilities `virtiofsd` keeps: it serves files as their owners (CHOWN, DAC_OVERRIDE,
+/// FOWNER, FSETID, SETGID, SETUID), chroots into the share (SYS_CHROOT), raises its
+/// open-file limit (SYS_RESOURCE) and narrows its own bounding set further (SETPCAP:
+/// without it libcap-ng fails, logs to syslog, and virtiofsd's seccomp filter kills it
+/// for the socket). Not MKNOD, SETFCAP or anything else.
+pub const VIRTIOFSD_CAPS: [u8; 9] = [0, 1, 3, 4, 6, 7, 8, 18, 24];
+
+/// The `boxlet-jail` helper: `$BOXLET_JAIL` (a path), beside this executable (or its
+/// parent directory, for test binaries), or in `PATH`.
+pub fn find_jail() -> Option<PathBuf> {
+    crate::process::find_helper("BOXLET_JAIL", "boxlet-jail")
+}
+
+/// How processes of VMs are confined here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Jailer {
+    /// Through the `boxlet-jail` helper at this path.
+    Helper(PathBuf),
+    /// Not at all: `BOXLET_JAIL=off`.
+    Off,
+}
+
+impl Jailer {
+    /// The jailer of this host: the helper, or an error saying why there is none (not
+    /// root, helper missing); `BOXLET_JAIL=off` turns confinement off, loudly.
+    pub fn new(backend: &'static str) -> Result<Jailer, HypervisorError> {
+        if std::env::var_os("BOXLET_JAIL").is_some_and(|v| v == "off") {
+            tracing::warn!(
+                "BOXLET_JAIL=off: VMM processes run unconfined, with this process's privileges"
+            );
+            return Ok(Jailer::Off);
+        }
+        if !rustix::process::geteuid().is_root() {
+            return Err(HypervisorError::Unavailable {
+                backend,
+                reason: "confining the VMM needs root (mount and PID namespaces); rootless \
+                         jails are not built yet"
+                    .into(),
+                alternative: "run as root, or set BOXLET_JAIL=off to run VMs unconfined".into(),
+            });
+        }
+        let helper = find_jail().ok_or(HypervisorError::MissingProgram {
+            backend,
+            program: "boxlet-jail".into(),
+            hint: "build it (cargo build -p boxlet) and put it beside boxlet, or set \
+                   BOXLET_JAIL to its path"
+                .into(),
+        })?;
+        Ok(Jailer::Helper(helper))
+    }
+
+    /// `cmd` (a program with its arguments, as [`crate::process::owned`] makes it) run
+    /// confined by `spec` instead: `boxlet-jail SPEC PROGRAM ARGS...`, the spec written
+    /// beside `spec.root`, the program itself bound in. Unchanged when the jail is off.
+    pub fn wrap(&self, mut spec: JailSpec, cmd: Command) -> io::Result<Command> {
+        let Jailer::Helper(helper) = self else {
+            return Ok(cmd);
+        };
+        let program = PathBuf::from(cmd.as_std().get_program());
+        std::fs::create_dir_all(&spec.root)?;
+        if !spec.binds.iter().any(|b| b.path == program) {
+            spec.binds.push(Bind::ro(&program));
+        }
+        let file = spec.root.with_extension("json");
+        std::fs::write(&file, serde_json::to_vec(&spec).map_err(io::Error::other)?)?;
+        let mut jailed = crate::process::owned(helper);
+        jailed
+            .arg(&file)
+            .arg(&program)
+            .args(cmd.as_std().get_args());
+        Ok(jailed)
+    }
+}
+
+/// A jailed command's arguments: `SPEC PROGRAM ARGS...`, as `boxlet-jail` reads them.
+pub fn parse_args(
+    mut args: impl Iterator<Item = std::ffi::OsString>,
+) -> Result<(JailSpec, PathBuf, Vec<std::ffi::OsString>), String> {
+    let spec = args
+        .next()
+        .ok_or("usage: boxlet-jail SPEC PROGRAM [ARGS...]")?;
+    let program: PathBuf = args.next().ok_or("boxlet-jail: no program")?.into();
+    let text = std::fs::read(&spec).map_err(|e| format!("{}: {e}", Path::new(&spec).display()))?;
+    let spec: JailSpec = serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: {e}", Path::new(&spec).display()))?;
+    if !program.is_absolute() {
+        return Err(format!(
+            "{}: the program needs an absolute path",
+            program.display()
+        ));
+    }
+    Ok((spec, program, args.collect()))
+}
+
+#[cfg(target_os = "linux")]
+pub use linux::enter;
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use super::*;
+    use rustix::mount::{
+        mount, mount_bind, mount_change, mount_remount, unmount, MountFlags, MountPropagationFlags,
+        UnmountFlags,
+    };
+    use rustix::thread::{CapabilitySet, UnshareFlags};
+
+    /// Step into the jail `spec` describes, in this (single-threaded) process: new
+    /// namespaces, then (in the child that is PID 1 of the new PID namespace) the new
+    /// root, the capabilities and the limits. Returns in that child, ready to exec; the
+    /// parent stays outside, forwards termination signals, and exits with the child's
+    /// status without returning.
+    pub fn enter(spec: &JailSpec) -> io::Result<()> {
+        let flags = UnshareFlags::NEWNS
+            | UnshareFlags::NEWPID
+            | UnshareFlags::NEWIPC
+            | UnshareFlags::NEWUTS
+            | UnshareFlags::NEWNET;
+        // SAFETY: the flags do not include FILES, the one that can hide descriptors from
+        // other threads (and boxlet-jail has no other threads).
+        unsafe { rustix::thread::unshare_unsafe(flags) }?;
+        // SAFETY: boxlet-jail is single-threaded at this point (it has started no
+        // threads), so the child may do anything the parent could.
+        match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+            nix::unistd::ForkResult::Parent { child } => supervise(child),
+            nix::unistd::ForkResult::Child => {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))?;
+                build_root(spec)?;
+                confine(spec)
+            }
+        }
+    }
+
+    static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+    extern "C" fn forward(sig: nix::libc::c_int) {
+        let pid = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+        if pid > 0 {
+            // SAFETY: kill is async-signal-safe and takes plain integers.
+            unsafe {
+                nix::libc::kill(pid, sig);
+            }
+        }
+    }
+
+    /// Outside the namespaces: pass termination signals on, and end as the child did.
+    fn supervise(child: nix::unistd::Pid) -> ! {
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+        CHILD.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
+        let action = SigAction::new(
+            SigHandler::Handler(forward),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            // SAFETY: the handler only calls kill, which is async-signal-safe.
+            let _ = unsafe { sigaction(sig, &action) };
+        }
+        loop {
+            match nix::sys::wait::waitpid(child, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => std::process::exit(code),
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
+                    // End the same way, so the runtime sees the signal.
+                    // SAFETY: restoring the default disposition installs no handler.
+                    let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
+                    let _ = nix::sys::signal::raise(sig);
+                    std::process::exit(128 + sig as i32)
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => std::process::exit(125),
+            }
+        }
+    }
+
+    fn inside(root: &Path, path: &Path) -> PathBuf {
+        root.join(path.strip_prefix("/").unwrap_or(path))
+    }
+
+    /// The new root: a tmpfs with the binds at their own paths, `/proc`, `/tmp`; then
+    /// pivot into it and detach the old one.
+    fn build_root(spec: &JailSpec) -> io::Result<()> {
+        let ctx = |what: &str, p: &Path| {
+            let what = format!("{what} {}", p.display());
+            move |e: rustix::io::Errno| {
+                io::Error::new(io::Error::from(e).kind(), format!("{what}: {e}"))
+            }
+        };
+        // Nothing mounted in here propagates back to the host.
+        mount_change(
+            "/",
+            MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+        )
+        .map_err(ctx("making private", Path::new("/")))?;
+        let root = &spec.root;
+        mount(
+            "tmpfs",
+            root,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            Some(c"mode=0755,size=16m"),
+        )
+        .map_err(ctx("mounting the jail's root on", root))?;
+        // /proc and /tmp first: binds may lie under /tmp (a VM's run directory).
+        let proc_dir = root.join("proc");
+        std::fs::create_dir_all(&proc_dir)?;
+        mount(
+            "proc",
+            &proc_dir,
+            "proc",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            None,
+        )
+        .map_err(ctx("mounting", &proc_dir))?;
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
+        mount(
+            "tmpfs",
+            &tmp,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            Some(c"mode=1777,size=64m"),
+        )
+        .map_err(ctx("mounting", &tmp))?;
+        for bind in &spec.binds {
+            let target = inside(root, &bind.path);
+            let meta = std::fs::symlink_metadata(&bind.path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", bind.path.display())))?;
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            if meta.file_type().is_symlink() {
+                let to = std::fs::read_link(&bind.path)?;
+                std::os::unix::fs::symlink(to, &target)?;
+                continue;
+            }
+            if meta.is_dir() {
+                std::fs::create_dir_all(&target)?;
+            } else if target.symlink_metadata().is_err() {
+                std::fs::File::create(&target)?;
+            }
+            mount_bind(&bind.path, &target).map_err(ctx("binding", &bind.path))?;
+            let mut flags = MountFlags::BIND | MountFlags::NOSUID;
+            if !bind.writable {
+                flags |= MountFlags::RDONLY;
+            }
+            if !bind.device {
+                flags |= MountFlags::NODEV;
+            }
+            mount_remount(&target, flags, "").map_err(ctx("restricting", &bind.path))?;
+        }
+        let old = root.join(".old-root");
+        std::fs::create_dir_all(&old)?;
+        rustix::process::pivot_root(root, &old).map_err(ctx("pivoting into", root))?;
+        std::env::set_current_dir("/")?;
+        unmount("/.old-root", UnmountFlags::DETACH).map_err(ctx("detaching", Path::new("/")))?;
+        std::fs::remove_dir("/.old-root")?;
+        // The root itself read-only from now on.
+        mount_remount(
+            "/",
+            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+            "",
+        )
+        .map_err(ctx("sealing", Path::new("/")))?;
+        Ok(())
+    }
+
+    /// Capabilities down to `keep_caps`, no new privileges, no core dumps.
+    fn confine(spec: &JailSpec) -> io::Result<()> {
+        rustix::process::setrlimit(
+            rustix::process::Resource::Core,
+            rustix::process::Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
+        )?;
+        for cap in 0..64u8 {
+            if spec.keep_caps.contains(&cap) {
+                continue;
+            }
+            match rustix::thread::remove_capability_from_bounding_set(
+                CapabilitySet::from_bits_retain(1 << cap),
+            ) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::INVAL) => break, // past the last capability
+                Err(e) => return Err(e.into()),
+            }
+        }
+        rustix::thread::set_no_new_privs(true)?;
+        Ok(())
+    }
+}

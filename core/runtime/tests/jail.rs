@@ -1,0 +1,136 @@
+//! The jail every VMM process and daemon starts in, from the inside: a shell run through
+//! `boxlet-jail` sees no host process, no host file it was not given, no network, and
+//! has no capability and no way to gain one.
+
+use std::path::Path;
+use std::process::Command;
+
+use boxlet::jail::{system_binds, Bind, JailSpec};
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Run `script` with /bin/sh in a jail holding `dir` (writable) and `ro` (read-only).
+fn jailed(dir: &Path, ro: &Path, script: &str) -> std::process::Output {
+    let mut binds = system_binds();
+    binds.push(Bind::rw(dir));
+    binds.push(Bind::ro(ro));
+    let spec = JailSpec {
+        root: dir.join("root"),
+        binds,
+        keep_caps: Vec::new(),
+    };
+    std::fs::create_dir_all(&spec.root).unwrap();
+    let file = dir.join("spec.json");
+    std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_boxlet-jail"))
+        .arg(&file)
+        .args(["/bin/sh", "-c", script, "sh"])
+        .args([dir, ro])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_jailed_process_sees_only_what_it_was_given_and_holds_no_capability() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ro = tempfile::tempdir().unwrap();
+    std::fs::write(ro.path().join("given"), b"ro").unwrap();
+    let out = jailed(
+        dir.path(),
+        ro.path(),
+        "echo pids: $(ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '); \
+         echo root: $(ls -A / | tr '\\n' ' '); \
+         grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status; \
+         echo net: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '); \
+         test -e /etc/shadow && echo sees-shadow; test -e /root && echo sees-root; \
+         mknod /tmp/dev b 8 0 2>/dev/null && echo made-a-device; \
+         echo x > \"$1\"/w && echo wrote-rw; echo x > \"$2\"/given 2>/dev/null && echo wrote-ro; \
+         cat \"$2\"/given; echo; \
+         hostname boxlet 2>/dev/null && echo renamed-host; true",
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .to_string()
+    };
+    // Its own PID namespace: the shell is PID 1 and nothing of the host shows.
+    let pids: Vec<u32> = line("pids:")[5..]
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert!(
+        pids.contains(&1) && pids.iter().all(|&p| p < 10),
+        "{pids:?}"
+    );
+    // Its own root: the system's read-only trees, /proc, /tmp, /dev's few nodes, and
+    // the two directories (under /tmp).
+    let root_line = line("root:");
+    let mut root: Vec<&str> = root_line[5..].split_whitespace().collect();
+    root.sort();
+    for name in &root {
+        assert!(
+            [
+                "bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sbin", "tmp",
+                "usr"
+            ]
+            .contains(name),
+            "{name} in the jail's root: {root:?}"
+        );
+    }
+    assert!(
+        !text.contains("sees-shadow") && !text.contains("sees-root"),
+        "{text}"
+    );
+    for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(line(key).ends_with("0000000000000000"), "{}", line(key));
+    }
+    assert!(line("NoNewPrivs").ends_with('1'), "{text}");
+    assert_eq!(line("net:"), "net: lo", "only its own loopback");
+    assert!(!text.contains("made-a-device"), "{text}");
+    assert!(!text.contains("renamed-host"), "{text}");
+    assert!(
+        text.contains("wrote-rw") && !text.contains("wrote-ro"),
+        "{text}"
+    );
+    assert!(text.contains("\nro\n"), "{text}");
+    assert_eq!(std::fs::read(dir.path().join("w")).unwrap(), b"x\n");
+}
+
+#[test]
+fn a_jail_that_cannot_be_made_is_an_error_not_an_unconfined_program() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JailSpec {
+        root: dir.path().join("root"),
+        binds: vec![Bind::ro("/no/such/path")],
+        keep_caps: Vec::new(),
+    };
+    std::fs::create_dir_all(&spec.root).unwrap();
+    let file = dir.path().join("spec.json");
+    std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_boxlet-jail"))
+        .arg(&file)
+        .args(["/bin/echo", "ran"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(out.stdout.is_empty());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("/no/such/path"), "{e}");
+}
