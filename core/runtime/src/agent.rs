@@ -146,12 +146,18 @@ fn unpack_copy(
     top: &Path,
     opts: &CopyOutOptions,
 ) -> io::Result<CopyOutReport> {
-    let mut ar = tar::Archive::new(from);
+    // Metadata records capped before the tar parser reads them whole.
+    let mut ar = tar::Archive::new(boxlet_ext4::TarGuard::new(
+        from,
+        boxlet_ext4::MAX_TAR_RECORD,
+    ));
     ar.set_preserve_permissions(false);
+    ar.set_mask(0o022);
     ar.set_preserve_ownerships(false);
     ar.set_unpack_xattrs(false);
     ar.set_preserve_mtime(true);
     let mut r = CopyOutReport::default();
+    let mut links: Vec<PathBuf> = Vec::new();
     let refuse = |why: String| Err(io::Error::new(io::ErrorKind::InvalidData, why));
     for (n, entry) in ar.entries()?.enumerate() {
         let mut entry = entry?;
@@ -167,10 +173,16 @@ fn unpack_copy(
             return refuse(format!("more than {} entries", opts.max_entries));
         }
         let is_top = path.components().count() == 1;
+        // Nothing is written through a symlink this copy made (a chain of links that each
+        // look inside could point anywhere).
+        if links.iter().any(|l| path.starts_with(l) && path != *l) {
+            return refuse(format!("{} lies under a symlink", path.display()));
+        }
         let kind = entry.header().entry_type();
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                r.bytes = r.bytes.saturating_add(entry.header().size()?);
+                // The size the parser will read (a PAX `size` overrides the header's).
+                r.bytes = r.bytes.saturating_add(entry.size());
                 if r.bytes > opts.max_bytes {
                     return refuse(format!(
                         "more than {} bytes (at {})",
@@ -188,6 +200,7 @@ fn unpack_copy(
                     continue;
                 }
                 r.symlinks += 1;
+                links.push(path.clone());
             }
             _ if is_top => {
                 return refuse(format!(

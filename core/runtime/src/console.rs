@@ -55,11 +55,19 @@ pub async fn pump_bounded(
     }
 }
 
-/// The last `lines` lines of a console log (read from its last 64 KiB only).
+/// The last `lines` lines of a console log (read from its last 64 KiB only, not through a
+/// symlink, only from a regular file), made [`printable`].
 pub fn console_tail(path: &Path, lines: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let mut text = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
+    if let Some(mut f) = opened {
         let len = f.metadata().map_or(0, |m| m.len());
         let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
         let _ = f.take(64 << 10).read_to_end(&mut text);

@@ -116,12 +116,30 @@ pub fn vm_binds(spec: &crate::hypervisor::VmSpec) -> io::Result<Vec<Bind>> {
             let Ok(Some(backing)) = boxlet_qcow2::read_backing_file_path(&at) else {
                 break;
             };
+            // The name is in a file the VMM may write: no climbing out, no system trees.
+            if Path::new(&backing)
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(io::Error::other(format!(
+                    "{}: backing file {backing:?} has a '..'",
+                    at.display()
+                )));
+            }
             let backing = match at.parent() {
                 Some(dir) => dir.join(backing),
                 None => PathBuf::from(backing),
             };
-            b.push(Bind::ro(&backing));
-            at = backing;
+            let real = std::fs::canonicalize(&backing)?;
+            if let Some(sys) = crate::process::system_path(&real) {
+                return Err(io::Error::other(format!(
+                    "{}: backing file {} is in {sys}",
+                    at.display(),
+                    real.display()
+                )));
+            }
+            b.push(Bind::ro(&real));
+            at = real;
         }
     }
     Ok(b)
@@ -185,10 +203,17 @@ impl Jailer {
         let Jailer::Helper(helper) = self else {
             return Ok(cmd);
         };
-        let program = PathBuf::from(cmd.as_std().get_program());
+        let program = std::fs::canonicalize(cmd.as_std().get_program())?;
         std::fs::create_dir_all(&spec.root)?;
         if !spec.binds.iter().any(|b| b.path == program) {
             spec.binds.push(Bind::ro(&program));
+        }
+        // The jail binds without following symlinks: resolve them now (a symlink that is
+        // itself the bind, like /lib, is recreated as one inside).
+        for b in &mut spec.binds {
+            if !b.path.symlink_metadata()?.file_type().is_symlink() {
+                b.path = std::fs::canonicalize(&b.path)?;
+            }
         }
         let file = spec.root.with_extension("json");
         std::fs::write(&file, serde_json::to_vec(&spec).map_err(io::Error::other)?)?;
@@ -342,6 +367,38 @@ mod linux {
             None,
         )
         .map_err(ctx("mounting", &proc_dir))?;
+        // A root without capabilities may still write sysctls (core_pattern, modprobe:
+        // a program the host kernel runs as root) and sysrq by file mode alone: those
+        // parts of /proc are read-only, the kernel's memory and keys hidden.
+        for sub in ["sys", "sysrq-trigger", "irq", "bus", "fs"] {
+            let p = proc_dir.join(sub);
+            if p.exists() {
+                mount_bind(&p, &p).map_err(ctx("binding", &p))?;
+                mount_remount(
+                    &p,
+                    MountFlags::BIND
+                        | MountFlags::RDONLY
+                        | MountFlags::NOSUID
+                        | MountFlags::NODEV
+                        | MountFlags::NOEXEC,
+                    "",
+                )
+                .map_err(ctx("making read-only", &p))?;
+            }
+        }
+        for hidden in [
+            "kcore",
+            "keys",
+            "key-users",
+            "timer_list",
+            "sched_debug",
+            "kallsyms",
+        ] {
+            let p = proc_dir.join(hidden);
+            if p.exists() {
+                mount_bind("/dev/null", &p).map_err(ctx("hiding", &p))?;
+            }
+        }
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&tmp)?;
         mount(
@@ -353,6 +410,17 @@ mod linux {
         )
         .map_err(ctx("mounting", &tmp))?;
         for bind in &spec.binds {
+            if !bind.path.is_absolute()
+                || bind
+                    .path
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(io::Error::other(format!(
+                    "{}: a bind must be an absolute path without '..'",
+                    bind.path.display()
+                )));
+            }
             let target = inside(root, &bind.path);
             let meta = std::fs::symlink_metadata(&bind.path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", bind.path.display())))?;
@@ -369,7 +437,19 @@ mod linux {
             } else if target.symlink_metadata().is_err() {
                 std::fs::File::create(&target)?;
             }
-            mount_bind(&bind.path, &target).map_err(ctx("binding", &bind.path))?;
+            // Bound from a descriptor opened without following any symlink, so a path
+            // swapped by its owner since it was checked cannot send the bind elsewhere.
+            let fd = rustix::fs::openat2(
+                rustix::fs::CWD,
+                &bind.path,
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+                rustix::fs::ResolveFlags::NO_SYMLINKS,
+            )
+            .map_err(ctx("opening (no symlinks)", &bind.path))?;
+            let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+            mount_bind(by_fd.as_str(), &target).map_err(ctx("binding", &bind.path))?;
+            drop(fd);
             let mut flags = MountFlags::BIND | MountFlags::NOSUID;
             if !bind.writable {
                 flags |= MountFlags::RDONLY;
@@ -416,6 +496,21 @@ mod linux {
                 Err(e) => return Err(e.into()),
             }
         }
+        // What the program starts with is the bounding set only: nothing inherited,
+        // nothing ambient, from whatever started boxlet.
+        let keep = spec.keep_caps.iter().fold(CapabilitySet::empty(), |s, &c| {
+            s | CapabilitySet::from_bits_retain(1 << c)
+        });
+        rustix::thread::clear_ambient_capability_set()?;
+        let current = rustix::thread::capabilities(None)?;
+        rustix::thread::set_capabilities(
+            None,
+            rustix::thread::CapabilitySets {
+                effective: current.effective & keep,
+                permitted: current.permitted & keep,
+                inheritable: CapabilitySet::empty(),
+            },
+        )?;
         rustix::thread::set_no_new_privs(true)?;
         Ok(())
     }

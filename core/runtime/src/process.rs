@@ -73,6 +73,11 @@ const SYSTEM_PARENTS: [&str; 10] = [
     "/", "/var", "/home", "/root", "/opt", "/srv", "/tmp", "/mnt", "/media", "/var/lib",
 ];
 
+/// The host system directory `real` (a resolved path) is in, if any.
+pub fn system_path(real: &Path) -> Option<&'static str> {
+    SYSTEM_DIRS.iter().copied().find(|d| real.starts_with(d))
+}
+
 /// The directory `path` resolves to, if a guest may be given it: not the host's root,
 /// a system directory or one inside it, or a directory that holds other users' homes.
 pub fn check_share_path(path: &Path) -> Result<PathBuf, String> {
@@ -80,7 +85,7 @@ pub fn check_share_path(path: &Path) -> Result<PathBuf, String> {
     if !real.is_dir() {
         return Err("not a directory".into());
     }
-    if let Some(sys) = SYSTEM_DIRS.iter().find(|d| real.starts_with(d)) {
+    if let Some(sys) = system_path(&real) {
         return Err(format!(
             "{} is in the host's system directory {sys}: a guest may not be given it",
             real.display()
@@ -127,8 +132,12 @@ pub fn virtiofsd_command(
         .arg("--modcaps=-mknod:-setfcap");
     match share.ids {
         ShareIds::Shifted { base } => {
+            // Guest ids past the range would pass through as the same host ids (real
+            // users'): refused.
             cmd.arg(format!("--translate-uid=map:0:{base}:65536"))
-                .arg(format!("--translate-gid=map:0:{base}:65536"));
+                .arg(format!("--translate-gid=map:0:{base}:65536"))
+                .arg("--translate-uid=forbid-guest:65536:4294901759")
+                .arg("--translate-gid=forbid-guest:65536:4294901759");
         }
         // What the guest makes is the owner's, whoever it is in the guest.
         ShareIds::Host if owner.0 != 0 => {
@@ -315,16 +324,15 @@ pub fn classify(
     if status.success() {
         return VmExit::Shutdown;
     }
-    let stderr = std::fs::read_to_string(stderr_log).unwrap_or_default();
+    // The run directory is writable from the jail: read a bounded tail, never through
+    // a symlink put in the log's place.
+    let stderr = crate::console::console_tail(stderr_log, 40);
     let how = match (status.code(), status.signal()) {
         (Some(c), _) => format!("{program} exited with {c}"),
         (None, Some(s)) => format!("{program} killed by signal {s}"),
         _ => format!("{program} ended"),
     };
-    VmExit::VmmFailed(format!(
-        "{how}: {}",
-        crate::console::printable(stderr.trim(), true)
-    ))
+    VmExit::VmmFailed(format!("{how}: {}", stderr.trim()))
 }
 
 /// A VM whose life a monitor task owns: the task receives stop requests (grace
@@ -450,6 +458,7 @@ mod tests {
         );
         assert!(shifted.contains(&"--translate-uid=map:0:1073741824:65536".to_string()));
         assert!(shifted.contains(&"--translate-gid=map:0:1073741824:65536".to_string()));
+        assert!(shifted.contains(&"--translate-uid=forbid-guest:65536:4294901759".to_string()));
         let users = args(&share(false, false, ShareIds::Host), (1000, 100));
         assert!(users.contains(&"--translate-uid=squash-guest:0:1000:4294967295".to_string()));
         assert!(users.contains(&"--translate-gid=squash-guest:0:100:4294967295".to_string()));

@@ -592,3 +592,67 @@ async fn copy_out_is_bounded_in_bytes_entries_time_and_refuses_a_top_level_link(
         "nothing left"
     );
 }
+
+#[tokio::test]
+async fn copy_out_cannot_be_fooled_by_pax_sizes_long_records_or_chained_links() {
+    // A PAX size of 10 GiB over a header that says 0.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("size", &b"10737418240"[..])])
+        .unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_path("data").unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(0);
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let (_d, sock) = fake_agent(copy_reply(&b.into_inner().unwrap(), true));
+    let e = AgentClient::new(Connector::Unix(sock))
+        .copy_out("/srv/data", host.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 4294967296 bytes"), "{e}");
+    // A GNU long name claiming 1 GiB: refused at its header, never buffered.
+    let mut h = tar::Header::new_gnu();
+    h.set_path("././@LongLink").unwrap();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(1 << 30);
+    h.set_cksum();
+    let (_d, sock) = fake_agent(copy_reply(h.as_bytes(), true));
+    let e = AgentClient::new(Connector::Unix(sock))
+        .with_timeout(Duration::from_secs(2))
+        .copy_out("/srv/data", host.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("long name record"), "{e}");
+    // Links that each stay inside, chained to reach outside.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o777);
+    dir.set_size(0);
+    b.append_data(&mut dir.clone(), "data/", &[][..]).unwrap();
+    b.append_data(&mut dir, "data/d/", &[][..]).unwrap();
+    let mut l = tar::Header::new_gnu();
+    l.set_entry_type(tar::EntryType::Symlink);
+    l.set_mode(0o777);
+    l.set_size(0);
+    b.append_link(&mut l.clone(), "data/d/up", "..").unwrap();
+    b.append_link(&mut l, "data/d/up/d/esc", "../../etc")
+        .unwrap();
+    let (_d, sock) = fake_agent(copy_reply(&b.into_inner().unwrap(), true));
+    let opts = boxlet::CopyOutOptions {
+        symlinks: true,
+        ..Default::default()
+    };
+    let e = AgentClient::new(Connector::Unix(sock))
+        .copy_out_with("/srv/data", host.path(), &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lies under a symlink"), "{e}");
+    assert_eq!(std::fs::read_dir(host.path()).unwrap().count(), 0);
+}

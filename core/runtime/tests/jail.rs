@@ -52,7 +52,10 @@ fn a_jailed_process_sees_only_what_it_was_given_and_holds_no_capability() {
          mknod /tmp/dev b 8 0 2>/dev/null && echo made-a-device; \
          echo x > \"$1\"/w && echo wrote-rw; echo x > \"$2\"/given 2>/dev/null && echo wrote-ro; \
          cat \"$2\"/given; echo; \
-         hostname boxlet 2>/dev/null && echo renamed-host; true",
+         hostname boxlet 2>/dev/null && echo renamed-host; \
+         cat /proc/sys/kernel/core_pattern > /tmp/cp; \
+         cat /tmp/cp > /proc/sys/kernel/core_pattern 2>/dev/null && echo wrote-a-sysctl; \
+         test -s /proc/kcore && echo sees-kcore; true",
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -101,6 +104,10 @@ fn a_jailed_process_sees_only_what_it_was_given_and_holds_no_capability() {
     assert_eq!(line("net:"), "net: lo", "only its own loopback");
     assert!(!text.contains("made-a-device"), "{text}");
     assert!(!text.contains("renamed-host"), "{text}");
+    // A root without capabilities could still write sysctls by file mode (core_pattern
+    // names a program the host runs as root): /proc/sys is read-only, kcore hidden.
+    assert!(!text.contains("wrote-a-sysctl"), "{text}");
+    assert!(!text.contains("sees-kcore"), "{text}");
     assert!(
         text.contains("wrote-rw") && !text.contains("wrote-ro"),
         "{text}"

@@ -368,6 +368,10 @@ impl Vsock {
     fn remove(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
             self.forget(c.stream.as_raw_fd());
+            // Its queued packets go with it: they would otherwise pile up over connect
+            // and reset cycles, or reach a new connection that reuses the key.
+            self.pending
+                .retain(|p| !matches!(p, Pending::Conn(k, _, _) if *k == key));
         }
     }
 
@@ -1024,5 +1028,8 @@ mod tests {
         dev.handle(guest, &[]);
         dev.handle(guest, &[]);
         assert_eq!(dev.pending_packets(), 1);
+        // A removed connection takes its queued packets with it.
+        dev.remove((8, 80));
+        assert_eq!(dev.pending_packets(), 0);
     }
 }
