@@ -1,7 +1,7 @@
 //! The agent's protocol and exec logic, tested fast: the agent serves a Unix socket in
 //! this process (as `boxlet-guest --listen-unix` does), and the async client talks to it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use boxlet::{AgentClient, Connector, Exec, ExecEvent};
@@ -471,6 +471,17 @@ fn copy_reply(tar: &[u8], finish: bool) -> Vec<u8> {
     reply
 }
 
+/// What a copy out of `/srv/data` into `host` says to a guest that answers `reply`.
+async fn copy_out_error(reply: Vec<u8>, opts: &boxlet::CopyOutOptions, host: &Path) -> String {
+    let (_d, sock) = fake_agent(reply);
+    AgentClient::new(Connector::Unix(sock))
+        .with_timeout(Duration::from_secs(2))
+        .copy_out_with("/srv/data", host, opts)
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
 /// A tar of hostile entries under `data/`.
 fn hostile_tree() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -552,16 +563,11 @@ async fn copy_out_is_bounded_in_bytes_entries_time_and_refuses_a_top_level_link(
         .to_string();
     assert!(e.contains("more than 4294967296 bytes"), "{e}");
     // Too many entries.
-    let (_d, sock) = fake_agent(copy_reply(&hostile_tree(), true));
     let opts = boxlet::CopyOutOptions {
         max_entries: 2,
         ..Default::default()
     };
-    let e = AgentClient::new(Connector::Unix(sock))
-        .copy_out_with("/srv/data", host.path(), &opts)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = copy_out_error(copy_reply(&hostile_tree(), true), &opts, host.path()).await;
     assert!(e.contains("more than 2 entries"), "{e}");
     // The top itself a symlink.
     let mut b = tar::Builder::new(Vec::new());
@@ -620,13 +626,12 @@ async fn copy_out_cannot_be_fooled_by_pax_sizes_long_records_or_chained_links() 
     h.set_entry_type(tar::EntryType::GNULongName);
     h.set_size(1 << 30);
     h.set_cksum();
-    let (_d, sock) = fake_agent(copy_reply(h.as_bytes(), true));
-    let e = AgentClient::new(Connector::Unix(sock))
-        .with_timeout(Duration::from_secs(2))
-        .copy_out("/srv/data", host.path())
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = copy_out_error(
+        copy_reply(h.as_bytes(), true),
+        &Default::default(),
+        host.path(),
+    )
+    .await;
     assert!(e.contains("long name record"), "{e}");
     // Links that each stay inside, chained to reach outside.
     let mut b = tar::Builder::new(Vec::new());
@@ -643,16 +648,16 @@ async fn copy_out_cannot_be_fooled_by_pax_sizes_long_records_or_chained_links() 
     b.append_link(&mut l.clone(), "data/d/up", "..").unwrap();
     b.append_link(&mut l, "data/d/up/d/esc", "../../etc")
         .unwrap();
-    let (_d, sock) = fake_agent(copy_reply(&b.into_inner().unwrap(), true));
     let opts = boxlet::CopyOutOptions {
         symlinks: true,
         ..Default::default()
     };
-    let e = AgentClient::new(Connector::Unix(sock))
-        .copy_out_with("/srv/data", host.path(), &opts)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = copy_out_error(
+        copy_reply(&b.into_inner().unwrap(), true),
+        &opts,
+        host.path(),
+    )
+    .await;
     assert!(e.contains("lies under a symlink"), "{e}");
     assert_eq!(std::fs::read_dir(host.path()).unwrap().count(), 0);
 }

@@ -11,11 +11,8 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Run `script` with /bin/sh in a jail holding `dir` (writable) and `ro` (read-only).
-fn jailed(dir: &Path, ro: &Path, script: &str) -> std::process::Output {
-    let mut binds = system_binds();
-    binds.push(Bind::rw(dir));
-    binds.push(Bind::ro(ro));
+/// Run `args` through `boxlet-jail` with `binds`, the spec and root in `dir`.
+fn run_jailed(dir: &Path, binds: Vec<Bind>, args: &[&std::ffi::OsStr]) -> std::process::Output {
     let spec = JailSpec {
         root: dir.join("root"),
         binds,
@@ -26,10 +23,20 @@ fn jailed(dir: &Path, ro: &Path, script: &str) -> std::process::Output {
     std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
     Command::new(env!("CARGO_BIN_EXE_boxlet-jail"))
         .arg(&file)
-        .args(["/bin/sh", "-c", script, "sh"])
-        .args([dir, ro])
+        .args(args)
         .output()
         .unwrap()
+}
+
+/// Run `script` with /bin/sh in a jail holding `dir` (writable) and `ro` (read-only).
+fn jailed(dir: &Path, ro: &Path, script: &str) -> std::process::Output {
+    let mut binds = system_binds();
+    binds.push(Bind::rw(dir));
+    binds.push(Bind::ro(ro));
+    let args = ["/bin/sh", "-c", script, "sh"].map(std::ffi::OsStr::new);
+    let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
+    all.extend([dir.as_os_str(), ro.as_os_str()]);
+    run_jailed(dir, binds, &all)
 }
 
 #[test]
@@ -123,19 +130,8 @@ fn a_jail_that_cannot_be_made_is_an_error_not_an_unconfined_program() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let spec = JailSpec {
-        root: dir.path().join("root"),
-        binds: vec![Bind::ro("/no/such/path")],
-        keep_caps: Vec::new(),
-    };
-    std::fs::create_dir_all(&spec.root).unwrap();
-    let file = dir.path().join("spec.json");
-    std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_boxlet-jail"))
-        .arg(&file)
-        .args(["/bin/echo", "ran"])
-        .output()
-        .unwrap();
+    let args = ["/bin/echo", "ran"].map(std::ffi::OsStr::new);
+    let out = run_jailed(dir.path(), vec![Bind::ro("/no/such/path")], &args);
     assert_eq!(out.status.code(), Some(125));
     assert!(out.stdout.is_empty());
     let e = String::from_utf8_lossy(&out.stderr);
