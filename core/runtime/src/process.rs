@@ -100,15 +100,15 @@ pub fn check_share_path(path: &Path) -> Result<PathBuf, String> {
     Ok(real)
 }
 
-/// The xattr mapping of every share: each name the guest uses is stored under
-/// `user.virtiofs.` on the host, where it means nothing to the host kernel (no file
-/// capabilities, no overlayfs or SELinux attributes); host attributes without the
-/// prefix are invisible to the guest.
-pub const XATTR_MAP: &str = ":map::user.virtiofs.:";
+/// Where every share stores the guest's xattrs on the host: each name the guest uses is
+/// stored under this prefix, where it means nothing to the host kernel (no file
+/// capabilities, no overlayfs or SELinux attributes); host attributes without the prefix
+/// are invisible to the guest. The directory caches store image xattrs the same way.
+pub const GUEST_XATTR_PREFIX: &str = "user.virtiofs.";
 
 /// A `virtiofsd` serving `share` on `socket`: chrooted into the shared directory, file
 /// handles off (they need CAP_DAC_READ_SEARCH on the host), extended attributes on but
-/// mapped ([`XATTR_MAP`]), without CAP_MKNOD and CAP_SETFCAP (a guest makes no device
+/// mapped under [`GUEST_XATTR_PREFIX`], without CAP_MKNOD and CAP_SETFCAP (a guest makes no device
 /// node on the host), guest ids translated by [`ShareSpec::ids`] (`owner` is the
 /// directory's owner, for [`ShareIds::Host`]), read-only when the share is, caching
 /// everything when the share is exclusive.
@@ -128,7 +128,7 @@ pub fn virtiofsd_command(
         })
         .args(["--sandbox=chroot", "--announce-submounts"])
         .args(["--inode-file-handles=never", "--xattr"])
-        .arg(format!("--xattrmap={XATTR_MAP}"))
+        .arg(format!("--xattrmap=:map::{GUEST_XATTR_PREFIX}:"))
         .arg("--modcaps=-mknod:-setfcap");
     match share.ids {
         ShareIds::Shifted { base } => {

@@ -555,12 +555,12 @@ async fn copy_out_is_bounded_in_bytes_entries_time_and_refuses_a_top_level_link(
     h.set_mode(0o644);
     h.set_size(10 << 30);
     h.set_cksum();
-    let (_d, sock) = fake_agent(copy_reply(h.as_bytes(), true));
-    let e = AgentClient::new(Connector::Unix(sock))
-        .copy_out("/srv/data", host.path())
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = copy_out_error(
+        copy_reply(h.as_bytes(), true),
+        &Default::default(),
+        host.path(),
+    )
+    .await;
     assert!(e.contains("more than 4294967296 bytes"), "{e}");
     // Too many entries.
     let opts = boxlet::CopyOutOptions {
@@ -576,12 +576,12 @@ async fn copy_out_is_bounded_in_bytes_entries_time_and_refuses_a_top_level_link(
     h.set_size(0);
     h.set_mode(0o777);
     b.append_link(&mut h, "data", "/etc").unwrap();
-    let (_d, sock) = fake_agent(copy_reply(&b.into_inner().unwrap(), true));
-    let e = AgentClient::new(Connector::Unix(sock))
-        .copy_out("/srv/data", host.path())
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = copy_out_error(
+        copy_reply(&b.into_inner().unwrap(), true),
+        &Default::default(),
+        host.path(),
+    )
+    .await;
     assert!(e.contains("not a file or a directory"), "{e}");
     // A guest that starts and then says nothing.
     let (_d, sock) = fake_agent(copy_reply(&hostile_tree()[..512], false));
@@ -613,12 +613,12 @@ async fn copy_out_cannot_be_fooled_by_pax_sizes_long_records_or_chained_links() 
     h.set_cksum();
     b.append(&h, &[][..]).unwrap();
     let host = tempfile::tempdir().unwrap();
-    let (_d, sock) = fake_agent(copy_reply(&b.into_inner().unwrap(), true));
-    let e = AgentClient::new(Connector::Unix(sock))
-        .copy_out("/srv/data", host.path())
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = copy_out_error(
+        copy_reply(&b.into_inner().unwrap(), true),
+        &Default::default(),
+        host.path(),
+    )
+    .await;
     assert!(e.contains("more than 4294967296 bytes"), "{e}");
     // A GNU long name claiming 1 GiB: refused at its header, never buffered.
     let mut h = tar::Header::new_gnu();

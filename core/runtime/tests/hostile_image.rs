@@ -35,7 +35,6 @@ fn xattrs(p: &Path) -> Vec<String> {
 
 /// Everything under the home that the host kernel would honour.
 fn usable_on_the_host(home: &Path) -> Vec<String> {
-    let range = CACHE_IDS.base()..CACHE_IDS.base() + boxlet_oci::IdShift::COUNT;
     let mut bad = Vec::new();
     let mut all = Vec::new();
     walk(home, &mut all);
@@ -46,10 +45,10 @@ fn usable_on_the_host(home: &Path) -> Vec<String> {
         if (t.is_block_device() || t.is_char_device()) && m.rdev() != 0 {
             bad.push(format!("device node {}", p.display()));
         }
-        if m.mode() & 0o4000 != 0 && !range.contains(&m.uid()) {
+        if m.mode() & 0o4000 != 0 && !CACHE_IDS.holds(m.uid()) {
             bad.push(format!("set-UID to {}: {}", m.uid(), p.display()));
         }
-        if m.mode() & 0o2000 != 0 && t.is_file() && !range.contains(&m.gid()) {
+        if m.mode() & 0o2000 != 0 && t.is_file() && !CACHE_IDS.holds(m.gid()) {
             bad.push(format!("set-GID to {}: {}", m.gid(), p.display()));
         }
         for x in xattrs(&p) {

@@ -78,6 +78,11 @@ impl IdShift {
         self.base
     }
 
+    /// Whether `host` is one of the range's host ids.
+    pub fn holds(self, host: u32) -> bool {
+        (self.base..self.base + Self::COUNT).contains(&host)
+    }
+
     /// The host id of image id `id`.
     pub fn host(self, id: u64) -> u32 {
         let id = if id < u64::from(Self::COUNT) {
@@ -746,6 +751,8 @@ mod tests {
         assert_eq!(s.host(65535), 1_065_535);
         assert_eq!(s.host(65536), 1_065_534);
         assert_eq!(s.host(u64::MAX), 1_065_534);
+        assert!(s.holds(1_000_000) && s.holds(1_065_535));
+        assert!(!s.holds(999_999) && !s.holds(1_065_536));
         assert!(IdShift::new(0).is_none());
         assert!(IdShift::new(u32::MAX - 65536).is_none(), "would reach -1");
         let top = IdShift::new(u32::MAX - 65537).unwrap();

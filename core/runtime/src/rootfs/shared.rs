@@ -8,11 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use boxlet_cas::Store;
 use boxlet_oci::{ApplyLimits, ApplyOptions, DevicePolicy, StoredImage, Whiteouts, XattrPolicy};
 
+use crate::process::GUEST_XATTR_PREFIX;
 use crate::rootfs::{Home, PrepareRequest, RootfsError, CACHE_IDS};
-
-/// Where image xattrs go in the directory caches: under this prefix, inert on the host;
-/// virtiofsd gives them back under their own names ([`crate::process::XATTR_MAP`]).
-pub const GUEST_XATTR_PREFIX: &str = "user.virtiofs.";
 
 /// The host id of image id 0 in the directory caches: shifted into [`CACHE_IDS`] when
 /// boxlet runs as root (it can chown); without root everything is the caller's and set-id
@@ -47,7 +44,7 @@ pub(crate) fn own_top_dir(dir: &Path) -> Result<(), RootfsError> {
         return Ok(());
     };
     let meta = std::fs::metadata(dir).map_err(RootfsError::io("reading", dir))?;
-    if meta.uid() < base || meta.uid() >= base + boxlet_oci::IdShift::COUNT {
+    if !CACHE_IDS.holds(meta.uid()) {
         std::os::unix::fs::chown(dir, Some(base), Some(base))
             .map_err(RootfsError::io("giving the image's root", dir))?;
     }
