@@ -47,6 +47,7 @@ bench-vm: setup
 corpus: setup
 	bash fixtures/qcow2/make-corpus.sh fuzz/corpus
 	bash fixtures/ext4/make-corpus.sh fuzz/corpus
+	BOXLET_FUZZ_SEEDS_OUT=$(CURDIR)/fuzz/corpus $(CARGO) test -q -p boxlet --test fuzz_replay
 
 fuzz-smoke: corpus
 	bash scripts/setup.sh fuzz

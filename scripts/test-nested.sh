@@ -15,6 +15,11 @@ BOXLET_VMM=$(cargo build -q -p boxlet-kvm --bins --message-format=json |
     grep -o '"executable":"[^"]*boxlet-vmm"' | cut -d'"' -f4) && [ -x "$BOXLET_VMM" ] ||
     { echo "test-nested: building boxlet-vmm failed" >&2; exit 1; }
 export BOXLET_VMM
+# The jail the backend starts the VMM and virtiofsd in.
+BOXLET_JAIL=$(cargo build -q -p boxlet --bin boxlet-jail --message-format=json |
+    grep -o '"executable":"[^"]*boxlet-jail"' | cut -d'"' -f4) && [ -x "$BOXLET_JAIL" ] ||
+    { echo "test-nested: building boxlet-jail failed" >&2; exit 1; }
+export BOXLET_JAIL
 mapfile -t tests < <(cargo test -q -p boxlet-kvm --no-run --message-format=json 2>/dev/null |
     grep '"profile":{[^}]*"test":true' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
 [ ${#tests[@]} -gt 0 ] || { echo "test-nested: no test executables" >&2; exit 1; }

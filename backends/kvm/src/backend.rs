@@ -7,9 +7,13 @@ use async_trait::async_trait;
 use boxlet::hypervisor::{
     Acceleration, Capabilities, Hypervisor, HypervisorError, Vm, VmExit, VmSpec,
 };
+use boxlet::jail::{system_binds, vm_binds, Bind, JailSpec, Jailer};
 use boxlet::process::{
     classify, find_program, owned, start_virtiofsds, virtiofsd_log, wait_or_stop, MonitoredVm,
+    VmLaunch,
 };
+
+use crate::kernel_image;
 
 const NAME: &str = "kvm";
 
@@ -19,6 +23,8 @@ pub struct KvmBackend {
     vmm: PathBuf,
     /// Serves directory shares (the VMM's virtio-fs devices are its vhost-user frontends).
     virtiofsd: Option<PathBuf>,
+    /// Confines the VMM and its daemons.
+    jailer: Jailer,
 }
 
 /// The `boxlet-vmm` helper: `$BOXLET_VMM`, else beside this executable (or its parent
@@ -44,7 +50,9 @@ impl KvmBackend {
     }
 
     /// Find the VMM helper without probing KVM (for tests of the backend itself, and
-    /// callers that probed already).
+    /// callers that probed already). The VMM and its daemons run jailed
+    /// ([`boxlet::jail`]), which needs root and the `boxlet-jail` helper, or
+    /// `BOXLET_JAIL=off`.
     pub fn without_probe() -> Result<Self, HypervisorError> {
         let vmm = find_vmm().ok_or(HypervisorError::MissingProgram {
             backend: NAME,
@@ -56,12 +64,41 @@ impl KvmBackend {
         Ok(Self {
             vmm,
             virtiofsd: find_program("virtiofsd"),
+            jailer: Jailer::new(NAME)?,
         })
     }
 
     /// The helper this backend runs.
     pub fn vmm_path(&self) -> &Path {
         &self.vmm
+    }
+}
+
+impl KvmBackend {
+    /// What the VMM of `spec` is given in its jail: the VM's files (run directory,
+    /// kernel, initrd, disks with their backing chains), `/dev/kvm`, and the kernel's
+    /// cached image, read-only. The image is built here, outside the jail, so a VMM can
+    /// never write an image another VM maps; if it cannot be built the VMM copies the
+    /// kernel instead.
+    async fn jail(&self, spec: &VmSpec) -> Result<JailSpec, HypervisorError> {
+        let mut binds = system_binds();
+        binds.extend(vm_binds(spec).map_err(|e| HypervisorError::Start {
+            backend: NAME,
+            what: "boxlet-vmm".into(),
+            msg: format!("preparing its jail: {e}"),
+        })?);
+        binds.push(Bind::dev("/dev/kvm"));
+        if self.jailer != Jailer::Off && kernel_image::zero_copy(spec) {
+            let kernel = spec.kernel.clone();
+            let image = tokio::task::spawn_blocking(move || {
+                kernel_image::cached(&kernel, kernel_image::LOAD_FROM)
+            })
+            .await;
+            if let Ok(Ok(image)) = image {
+                binds.extend(image.paths.iter().map(Bind::ro));
+            }
+        }
+        Ok(JailSpec::new(spec.run_dir.join("jail-vmm"), binds))
     }
 }
 
@@ -87,14 +124,9 @@ impl Hypervisor for KvmBackend {
         };
         // One virtiofsd per share, listening before the VMM connects; they are killed if
         // a later step fails (kill_on_drop) and when the VMM ends.
-        let mut daemons = start_virtiofsds(
-            NAME,
-            self.virtiofsd.as_deref(),
-            &spec,
-            // boxlet-vmm and its daemons get the jail with its seccomp filters (issue 15).
-            &boxlet::jail::Jailer::Off,
-        )
-        .await?;
+        // The VMM and its daemons in one cgroup, removed when the VM ends (or this fails).
+        let launch = VmLaunch::new(NAME, &self.jailer, &spec)?;
+        let mut daemons = start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec, &launch).await?;
         let spec_path = spec.run_dir.join("vmm.json");
         let json = serde_json::to_vec(&spec).map_err(|e| start(e.to_string()))?;
         std::fs::write(&spec_path, json).map_err(|e| start(e.to_string()))?;
@@ -103,7 +135,11 @@ impl Hypervisor for KvmBackend {
         let console = std::fs::File::create(&spec.console_log)
             .map_err(|e| start(format!("{}: {e}", spec.console_log.display())))?;
         let mut cmd = owned(&self.vmm);
-        cmd.arg(&spec_path).stdout(Stdio::piped()).stderr(err);
+        cmd.arg(&spec_path);
+        let mut cmd = launch
+            .wrap(self.jail(&spec).await?, cmd)
+            .map_err(|e| start(format!("preparing its jail: {e}")))?;
+        cmd.stdout(Stdio::piped()).stderr(err);
         let mut child = cmd.spawn().map_err(|e| start(e.to_string()))?;
         let out = child
             .stdout
@@ -130,10 +166,12 @@ impl Hypervisor for KvmBackend {
                 let _ = std::fs::remove_file(socket);
             }
             let _ = pump.await;
-            match classify("boxlet-vmm", status, stopped, &console, &stderr) {
+            let exit = match classify("boxlet-vmm", status, stopped, &console, &stderr) {
                 VmExit::VmmFailed(why) => VmExit::VmmFailed(why + &died),
                 exit => exit,
-            }
+            };
+            // (Dropping the launcher then removes the cgroup.)
+            launch.explain(exit)
         })))
     }
 }

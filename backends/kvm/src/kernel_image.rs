@@ -34,6 +34,19 @@ pub struct Image {
     pub entry: u64,
     /// Where the kernel's segments end (the initramfs must go above).
     pub kernel_end: u64,
+    /// The image and its info file, as found in the cache (what a jailed VMM is given,
+    /// read-only).
+    pub paths: [PathBuf; 2],
+}
+
+/// Where the VMM loads kernels: 1 MiB, as PCs have it.
+pub const LOAD_FROM: u64 = 0x10_0000;
+
+/// Whether the VM of `spec` maps its kernel from an image: when no other process maps
+/// its RAM (a vhost-user daemon would not see the private pages) and
+/// `BOXLET_VMM_COPY_KERNEL` does not ask for the copy (to compare).
+pub fn zero_copy(spec: &boxlet::VmSpec) -> bool {
+    std::env::var_os("BOXLET_VMM_COPY_KERNEL").is_none() && spec.shares.is_empty()
 }
 
 /// The cached image of `kernel`, built on first use (keyed by the kernel's path, size,
@@ -122,6 +135,7 @@ fn open(img: &Path, info: &Path) -> Option<Image> {
         len,
         entry,
         kernel_end,
+        paths: [img.to_path_buf(), info.to_path_buf()],
     })
 }
 

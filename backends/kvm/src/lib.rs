@@ -15,6 +15,7 @@ pub mod i8042;
 pub mod kernel_image;
 pub mod mptable;
 pub mod probe;
+pub mod seccomp;
 pub mod virtio;
 pub mod vmm;
 

@@ -34,6 +34,7 @@ use vm_superio::{Serial, Trigger};
 use crate::i8042::{self, I8042};
 use crate::kernel_image;
 use crate::mptable;
+use crate::seccomp::{self, Role};
 use crate::virtio::block::{Block, Disk, Qcow2Disk, RawDisk};
 use crate::virtio::fs::Fs;
 use crate::virtio::mmio::MmioTransport;
@@ -89,7 +90,7 @@ const CMDLINE_ADDR: u64 = 0x20000;
 const CMDLINE_MAX: usize = 4096;
 /// Start of the BIOS area the memory map leaves out (as PCs have it).
 const EBDA_START: u64 = 0x9fc00;
-const HIGH_RAM_START: u64 = 0x10_0000;
+const HIGH_RAM_START: u64 = kernel_image::LOAD_FROM;
 /// The largest guest RAM this layout supports (one region below the 32-bit MMIO hole).
 const MAX_RAM: u64 = 0xc000_0000;
 
@@ -555,12 +556,10 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
     phase(t, "vm created");
     let bytes = u64::from(spec.memory_mib) << 20;
     check_ram(bytes)?;
-    // The kernel mapped from its cached image when no other process maps guest RAM (a
-    // vhost-user daemon would not see the private pages); else copied into the memfd.
-    // (`BOXLET_VMM_COPY_KERNEL` forces the copy, to compare.)
-    let zero_copy = std::env::var_os("BOXLET_VMM_COPY_KERNEL").is_none();
-    let image = if zero_copy && spec.shares.is_empty() {
-        match kernel_image::cached(&spec.kernel, HIGH_RAM_START) {
+    // The kernel mapped from its cached image (see `kernel_image::zero_copy`), else
+    // copied into the memfd.
+    let image = if kernel_image::zero_copy(spec) {
+        match kernel_image::cached(&spec.kernel, kernel_image::LOAD_FROM) {
             Ok(i) => Some(i),
             Err(e) => {
                 eprintln!(
@@ -653,6 +652,7 @@ fn run_vcpu(
     mmio: Arc<MmioBus>,
     started: std::time::Instant,
 ) -> Result<(), VmmError> {
+    seccomp::enter(Role::Vcpu)?;
     if index == 0 && std::env::var_os("BOXLET_VMM_TIMINGS").is_some() {
         eprintln!(
             "boxlet-vmm: first KVM_RUN {:.3} ms after start",
@@ -737,6 +737,11 @@ fn spawn_device_worker(
     std::thread::Builder::new()
         .name("virtio-dev".into())
         .spawn(move || {
+            if let Err(e) = seccomp::enter(Role::Device) {
+                // Never serve a guest unfiltered: the VM ends.
+                eprintln!("boxlet-vmm: {e}");
+                std::process::exit(1);
+            }
             let mut fds: Vec<libc::pollfd> = notifiers
                 .iter()
                 .map(|e| e.as_raw_fd())
@@ -777,10 +782,17 @@ fn spawn_device_worker(
 /// powered off.
 pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
     let started = std::time::Instant::now();
+    // Every thread filters itself before it serves the guest (see `crate::seccomp`).
+    seccomp::init()?;
     let mut machine = build(spec, &spec.cmdline)?;
     // SIGUSR1 asks every vCPU to print its registers (for a guest that seems stuck);
     // a real-time signal kicks the vCPU threads out of KVM_RUN to do it.
     let _ = register_signal_handler(libc::SIGUSR1, on_dump_request);
+    // In its jail the VMM is PID 1 of its PID namespace, which the kernel shields from
+    // signals it has no handler for: end on these explicitly.
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        let _ = register_signal_handler(sig, on_terminate);
+    }
     let _ = register_signal_handler(SIGRTMIN(), on_kick);
     let (tx, rx) = std::sync::mpsc::channel();
     let mut threads = Vec::new();
@@ -800,6 +812,8 @@ pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
         spawn_device_worker(dev, notifiers)?;
     }
     drop(tx);
+    seccomp::enter(Role::Main)?;
+    test_allocate();
     // The first vCPU to finish decides: the VM is over either way (the process exits,
     // taking the other vCPUs with it).
     let mut kicked = DUMPS_ASKED.load(Ordering::SeqCst);
@@ -821,11 +835,35 @@ pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
     }
 }
 
+/// Test hook: `BOXLET_VMM_TEST_ALLOCATE_MIB=N` makes the main thread take and touch N
+/// MiB of host memory once the VM runs, as a VMM bug or a compromised VMM could, to show
+/// that the VM's cgroup stops it (see `boxlet::cgroup`).
+fn test_allocate() {
+    let Some(mib) = std::env::var("BOXLET_VMM_TEST_ALLOCATE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    else {
+        return;
+    };
+    let mut hog = Vec::<u8>::with_capacity(mib << 20);
+    for _ in 0..(mib << 8) {
+        hog.extend_from_slice(&[1u8; 4096]);
+    }
+    std::hint::black_box(&hog);
+    eprintln!("boxlet-vmm: test hook: holding {mib} MiB");
+    std::mem::forget(hog);
+}
+
 /// How many register dumps SIGUSR1 asked for.
 static DUMPS_ASKED: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_dump_request(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     DUMPS_ASKED.fetch_add(1, Ordering::SeqCst);
+}
+
+extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: _exit is async-signal-safe and ends the process at once.
+    unsafe { libc::_exit(128 + sig) };
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

@@ -9,10 +9,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use boxlet::hypervisor::{Hypervisor, VmExit, VmSpec};
-use boxlet::initramfs::Initramfs;
-use boxlet_kvm::KvmBackend;
+use boxlet::hypervisor::{Hypervisor, VmExit};
 use boxlet_testkit as kit;
+
+mod common;
+use common::{backend, spec};
 
 const NEEDS_KVM: &str = "needs a KVM that boots Linux: make test-nested";
 
@@ -42,42 +43,6 @@ async fn wait(vm: &mut Box<dyn boxlet::hypervisor::Vm>, console: &Path) -> VmExi
                 std::fs::read_to_string(stderr).unwrap_or_default()
             );
         }
-    }
-}
-
-fn backend() -> KvmBackend {
-    kit::helper_beside_tests("BOXLET_VMM", "boxlet-vmm");
-    KvmBackend::without_probe().unwrap()
-}
-
-/// A VM whose init is `script` (run by busybox sh from an initramfs).
-fn spec(dir: &Path, script: &str, vcpus: u8) -> VmSpec {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (make setup)");
-    let mut i = Initramfs::new();
-    i.dir("bin", 0o755)
-        .file("bin/busybox", 0o755, &busybox)
-        .dir("dev", 0o755)
-        .char_dev("dev/console", 0o600, 5, 1)
-        .file(
-            "init",
-            0o755,
-            format!("#!/bin/busybox sh\n{script}\n").as_bytes(),
-        );
-    let initrd = dir.join("initrd.cpio");
-    std::fs::write(&initrd, i.finish()).unwrap();
-    VmSpec {
-        name: "l2".into(),
-        vcpus,
-        memory_mib: 256,
-        kernel: kit::kernel(),
-        initrd: Some(initrd),
-        // Not quiet: a failure shows how far the boot got.
-        cmdline: "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 rdinit=/init".into(),
-        disks: Vec::new(),
-        shares: Vec::new(),
-        vsock: None,
-        console_log: dir.join("console.log"),
-        run_dir: dir.to_path_buf(),
     }
 }
 
@@ -112,19 +77,7 @@ async fn a_guest_panic_and_a_killed_vmm_are_reported() {
     }
     // A guest that never ends, stopped from the host.
     let dir = tempfile::tempdir().unwrap();
-    let mut vm = hv
-        .create(spec(
-            dir.path(),
-            "while :; do /bin/busybox sleep 1; done",
-            1,
-        ))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        vm.stop(Duration::from_secs(1)).await.unwrap(),
-        VmExit::Stopped
-    );
+    common::runs_until_stopped(&hv, dir.path()).await;
 }
 
 #[tokio::test]

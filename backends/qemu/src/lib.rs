@@ -24,6 +24,7 @@ use boxlet::hypervisor::{
 use boxlet::jail::{system_binds, vm_binds, Bind, JailSpec, Jailer};
 use boxlet::process::{
     classify, find_program, owned, start_daemon, start_virtiofsds, wait_or_stop, MonitoredVm,
+    VmLaunch,
 };
 use tokio::process::Child;
 
@@ -239,6 +240,8 @@ impl Hypervisor for Qemu {
 
     async fn create(&self, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
         self.tell_once();
+        // One cgroup for QEMU and its daemons, removed when the VM ends (or this fails).
+        let launch = VmLaunch::new(NAME, &self.jailer, &spec)?;
         // Started daemons are killed if a later step fails (kill_on_drop).
         let mut daemons: Vec<Child> = Vec::new();
         let mut sockets: Vec<PathBuf> = Vec::new();
@@ -262,13 +265,8 @@ impl Hypervisor for Qemu {
             ));
             let mut binds = system_binds();
             binds.push(Bind::rw(&spec.run_dir));
-            let jail = JailSpec {
-                root: spec.run_dir.join("jail-vsock"),
-                binds,
-                keep_caps: Vec::new(),
-            };
-            let cmd = self
-                .jailer
+            let jail = JailSpec::new(spec.run_dir.join("jail-vsock"), binds);
+            let cmd = launch
                 .wrap(jail, cmd)
                 .map_err(|e| start_err("vhost-device-vsock", e))?;
             sockets.push(sock.clone());
@@ -278,8 +276,7 @@ impl Hypervisor for Qemu {
             vsock_sock = Some(sock);
         }
         let mut fs_socks = Vec::new();
-        let virtiofsds =
-            start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec, &self.jailer).await?;
+        let virtiofsds = start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec, &launch).await?;
         for (daemon, sock) in virtiofsds {
             daemons.push(daemon);
             sockets.push(sock.clone());
@@ -292,15 +289,8 @@ impl Hypervisor for Qemu {
         if self.accel == Acceleration::Kvm {
             binds.push(Bind::dev("/dev/kvm"));
         }
-        let jail = JailSpec {
-            root: spec.run_dir.join("jail-qemu"),
-            binds,
-            keep_caps: Vec::new(),
-        };
-        let mut cmd = self
-            .jailer
-            .wrap(jail, cmd)
-            .map_err(|e| start_err("qemu", e))?;
+        let jail = JailSpec::new(spec.run_dir.join("jail-qemu"), binds);
+        let mut cmd = launch.wrap(jail, cmd).map_err(|e| start_err("qemu", e))?;
         let stderr_log = spec.run_dir.join("qemu.stderr");
         let err = std::fs::File::create(&stderr_log).map_err(|e| start_err("qemu", e))?;
         cmd.stdout(Stdio::piped()).stderr(err);
@@ -320,6 +310,7 @@ impl Hypervisor for Qemu {
             sockets: std::mem::take(&mut sockets),
             console: spec.console_log.clone(),
             stderr_log,
+            launch,
         };
         Ok(Box::new(MonitoredVm::spawn(|stop| monitor.run(stop))))
     }
@@ -336,6 +327,8 @@ struct Monitor {
     sockets: Vec<PathBuf>,
     console: PathBuf,
     stderr_log: PathBuf,
+    /// Removes the VM's cgroup when the monitor ends.
+    launch: VmLaunch,
 }
 
 impl Monitor {
@@ -351,7 +344,8 @@ impl Monitor {
         for s in &self.sockets {
             let _ = std::fs::remove_file(s);
         }
-        classify("qemu", status, stopped, &self.console, &self.stderr_log)
+        let exit = classify("qemu", status, stopped, &self.console, &self.stderr_log);
+        self.launch.explain(exit)
     }
 }
 
@@ -428,6 +422,7 @@ mod tests {
             }),
             console_log: "/run/console.log".into(),
             run_dir: "/run".into(),
+            limits: Default::default(),
         };
         let a = q
             .args(

@@ -51,6 +51,17 @@ pub struct RunArgs {
     /// Memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u32,
+    /// Host memory the box's VM processes may use together, in MiB (default: the guest
+    /// memory plus 256 MiB or a quarter of it). Limits need cgroup v2 and root.
+    #[arg(long, value_name = "MIB")]
+    host_memory: Option<u64>,
+    /// Host CPU the box's VM processes may use, in percent of one CPU (default: its
+    /// vCPUs plus one, times 100).
+    #[arg(long, value_name = "PERCENT")]
+    cpu_limit: Option<u32>,
+    /// Processes and threads the box's VM processes may have (default 1024).
+    #[arg(long, value_name = "N")]
+    pids_limit: Option<u64>,
     /// Environment for CMD (`KEY=VALUE`, repeatable), over the image's.
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
@@ -172,6 +183,11 @@ async fn boot_and_attach(
     }
     spec.vcpus = a.cpus;
     spec.memory_mib = a.memory;
+    spec.limits = boxlet::cgroup::Limits {
+        memory_mib: a.host_memory,
+        cpu_percent: a.cpu_limit,
+        pids: a.pids_limit,
+    };
     let vm = boot(hv.as_ref(), spec).await.context("booting the box")?;
     if a.timings {
         eprintln!(

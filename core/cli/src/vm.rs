@@ -428,6 +428,7 @@ async fn bench(a: BenchArgs) -> Result<()> {
             vsock: None,
             console_log: dir.path().join("console.log"),
             run_dir: dir.path().to_path_buf(),
+            limits: Default::default(),
         };
         let t = std::time::Instant::now();
         let mut vm = hv.create(spec).await?;

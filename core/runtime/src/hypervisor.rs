@@ -120,6 +120,9 @@ pub struct VmSpec {
     /// A private directory the backend may use for its sockets; it removes what it
     /// creates there when the VM ends.
     pub run_dir: PathBuf,
+    /// Host resources its processes may use (cgroup v2; defaults from its size).
+    #[serde(default)]
+    pub limits: crate::cgroup::Limits,
 }
 
 /// What executes guest instructions.
@@ -224,6 +227,12 @@ pub enum VmExit {
     Stopped,
     /// The VMM failed or was killed from outside.
     VmmFailed(String),
+    /// The VMM made a system call its seccomp filter forbids (a bug, or a guest that
+    /// took over the VMM) and was stopped; what it reported.
+    SandboxViolation(String),
+    /// The VM's host processes went past their cgroup's memory limit and the kernel
+    /// killed them.
+    MemoryLimit(String),
 }
 
 /// A backend failure.

@@ -73,6 +73,21 @@ pub struct JailSpec {
     /// Capabilities (numbers, as in `linux/capability.h`) left in the bounding set; all
     /// others are dropped. Empty for a VMM.
     pub keep_caps: Vec<u8>,
+    /// The VM's cgroup ([`crate::cgroup`]), joined before anything else.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+}
+
+impl JailSpec {
+    /// A jail on `root` holding `binds`, no capability kept, no cgroup.
+    pub fn new(root: impl Into<PathBuf>, binds: Vec<Bind>) -> Self {
+        Self {
+            root: root.into(),
+            binds,
+            keep_caps: Vec::new(),
+            cgroup: None,
+        }
+    }
 }
 
 /// What every jailed program needs to run at all: the system's programs and shared
@@ -264,6 +279,9 @@ mod linux {
     /// parent stays outside, forwards termination signals, and exits with the child's
     /// status without returning.
     pub fn enter(spec: &JailSpec) -> io::Result<()> {
+        if let Some(cg) = &spec.cgroup {
+            crate::cgroup::join(cg)?;
+        }
         let flags = UnshareFlags::NEWNS
             | UnshareFlags::NEWPID
             | UnshareFlags::NEWIPC
@@ -272,17 +290,54 @@ mod linux {
         // SAFETY: the flags do not include FILES, the one that can hide descriptors from
         // other threads (and boxlet-jail has no other threads).
         unsafe { rustix::thread::unshare_unsafe(flags) }?;
+        // The parent holds the write end for its whole life: the child knows it is gone
+        // when the pipe reads as ended.
+        let (alive_r, alive_w) = io::pipe()?;
         // SAFETY: boxlet-jail is single-threaded at this point (it has started no
         // threads), so the child may do anything the parent could.
         match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
-            nix::unistd::ForkResult::Parent { child } => supervise(child),
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(alive_r);
+                std::mem::forget(alive_w);
+                supervise(child)
+            }
             nix::unistd::ForkResult::Child => {
+                drop(alive_w);
+                if let Some(ms) = std::env::var("BOXLET_JAIL_TEST_FORK_DELAY_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                {
+                    // Test hook: widen the window in which the parent may die first.
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
                 rustix::process::set_parent_process_death_signal(Some(
                     rustix::process::Signal::KILL,
                 ))?;
+                // A parent that died before that sends no signal: then the program must
+                // not start, orphaned and unsupervised.
+                if parent_gone(&alive_r)? {
+                    return Err(io::Error::other(
+                        "the jail's outer process ended before the jail was made",
+                    ));
+                }
+                drop(alive_r);
                 build_root(spec)?;
                 confine(spec)
             }
+        }
+    }
+
+    /// Whether the pipe's write end (the parent's) is closed: a read that does not block
+    /// ends at once.
+    fn parent_gone(alive: &io::PipeReader) -> io::Result<bool> {
+        use std::io::Read;
+        rustix::io::ioctl_fionbio(alive, true)?;
+        let mut b = [0u8; 1];
+        match (&mut &*alive).read(&mut b) {
+            Ok(0) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -298,16 +353,31 @@ mod linux {
         }
     }
 
-    /// Outside the namespaces: pass termination signals on, and end as the child did.
+    /// Outside the namespaces: pass termination signals (and SIGUSR1, which asks a VMM
+    /// for its vCPUs' registers) on, and end as the child did.
     fn supervise(child: nix::unistd::Pid) -> ! {
         use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
         CHILD.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
+        // Ending as a child that died of SIGSYS, SIGSEGV or SIGABRT did must not leave a
+        // core of this process behind.
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Core,
+            rustix::process::Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
+        );
         let action = SigAction::new(
             SigHandler::Handler(forward),
             SaFlags::SA_RESTART,
             SigSet::empty(),
         );
-        for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        for sig in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGUSR1,
+        ] {
             // SAFETY: the handler only calls kill, which is async-signal-safe.
             let _ = unsafe { sigaction(sig, &action) };
         }

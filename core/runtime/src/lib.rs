@@ -12,8 +12,11 @@
 //!   cache.
 
 pub mod agent;
+pub mod cgroup;
 pub mod console;
 pub mod disk_store;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hypervisor;
 pub mod initramfs;
 pub mod jail;

@@ -100,6 +100,14 @@ pub fn check_share_path(path: &Path) -> Result<PathBuf, String> {
     Ok(real)
 }
 
+/// SIGSYS on Linux (x86-64 and arm64): what seccomp sends for a forbidden call.
+pub const SIGSYS: i32 = 31;
+
+/// The exit status of a VMM that made a system call its seccomp filter forbids and
+/// stopped itself (boxlet-vmm's report: 128 + SIGSYS, as a shell shows a SIGSYS death).
+/// A VMM killed by SIGSYS itself (QEMU's `-sandbox`) is the same violation.
+pub const EXIT_FORBIDDEN_SYSCALL: i32 = 128 + SIGSYS;
+
 /// Where every share stores the guest's xattrs on the host: each name the guest uses is
 /// stored under this prefix, where it means nothing to the host kernel (no file
 /// capabilities, no overlayfs or SELinux attributes); host attributes without the prefix
@@ -166,7 +174,7 @@ pub async fn start_virtiofsds(
     backend: &'static str,
     program: Option<&Path>,
     spec: &VmSpec,
-    jailer: &crate::jail::Jailer,
+    launch: &VmLaunch,
 ) -> Result<Vec<(Child, PathBuf)>, HypervisorError> {
     let mut daemons = Vec::new();
     for (i, share) in spec.shares.iter().enumerate() {
@@ -198,13 +206,11 @@ pub async fn start_virtiofsds(
             writable: !share.read_only,
             device: false,
         });
-        let jail = crate::jail::JailSpec {
-            root: spec.run_dir.join(format!("jail-virtiofsd{i}")),
-            binds,
-            keep_caps: crate::jail::VIRTIOFSD_CAPS.to_vec(),
-        };
+        let mut jail =
+            crate::jail::JailSpec::new(spec.run_dir.join(format!("jail-virtiofsd{i}")), binds);
+        jail.keep_caps = crate::jail::VIRTIOFSD_CAPS.to_vec();
         let cmd = virtiofsd_command(program, &share, &socket, (meta.uid(), meta.gid()));
-        let cmd = jailer
+        let cmd = launch
             .wrap(jail, cmd)
             .map_err(|e| refused(format!("preparing its jail: {e}")))?;
         daemons.push((
@@ -213,6 +219,90 @@ pub async fn start_virtiofsds(
         ));
     }
     Ok(daemons)
+}
+
+/// The launcher of one VM's processes: every one goes through [`VmLaunch::wrap`] into
+/// its jail ([`crate::jail`]) and the VM's cgroup ([`crate::cgroup`]), which this owns
+/// and removes when dropped (what still runs in it killed).
+#[derive(Debug)]
+pub struct VmLaunch {
+    jailer: crate::jail::Jailer,
+    cgroup: Option<crate::cgroup::Cgroup>,
+}
+
+impl VmLaunch {
+    /// The launcher for the VM `spec`, with its cgroup made with the spec's limits
+    /// (defaults from its size). No cgroup when the jail is off, or when this host has
+    /// no usable cgroup v2 and no limit was asked for explicitly (a warning, once); with
+    /// explicit limits that is an error.
+    pub fn new(
+        backend: &'static str,
+        jailer: &crate::jail::Jailer,
+        spec: &VmSpec,
+    ) -> Result<Self, HypervisorError> {
+        let jailer = jailer.clone();
+        if jailer == crate::jail::Jailer::Off {
+            return Ok(Self {
+                jailer,
+                cgroup: None,
+            });
+        }
+        let parent = match crate::cgroup::parent() {
+            Ok(p) => p,
+            Err(reason) if spec.limits.explicit() => {
+                return Err(HypervisorError::Unavailable {
+                    backend,
+                    reason: format!("the VM's limits need cgroup v2: {reason}"),
+                    alternative: "run on a host with a cgroup v2 hierarchy (memory, pids, \
+                                  cpu), or drop the explicit limits"
+                        .into(),
+                })
+            }
+            Err(reason) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!("VMs run without memory, CPU and process limits: {reason}")
+                });
+                return Ok(Self {
+                    jailer,
+                    cgroup: None,
+                });
+            }
+        };
+        let applied = crate::cgroup::resolve(&spec.limits, spec.vcpus, u64::from(spec.memory_mib));
+        let cgroup = crate::cgroup::Cgroup::create(&parent, &spec.name, applied).map_err(|e| {
+            HypervisorError::Start {
+                backend,
+                what: "the VM's cgroup".into(),
+                msg: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            jailer,
+            cgroup: Some(cgroup),
+        })
+    }
+
+    /// `cmd` confined by `jail`, in the VM's cgroup ([`crate::jail::Jailer::wrap`]).
+    pub fn wrap(&self, mut jail: crate::jail::JailSpec, cmd: Command) -> io::Result<Command> {
+        jail.cgroup = self.cgroup.as_ref().map(|c| c.path().to_path_buf());
+        self.jailer.wrap(jail, cmd)
+    }
+
+    /// How the VM ended: `exit`, unless the kernel killed its processes for going past
+    /// the memory limit, which is then what is reported.
+    pub fn explain(&self, exit: VmExit) -> VmExit {
+        match &self.cgroup {
+            Some(cg) if cg.oom_kills() > 0 && !matches!(exit, VmExit::Stopped) => {
+                VmExit::MemoryLimit(format!(
+                    "the VM's host processes went past their memory limit of {} MiB and the \
+                     kernel killed them ({exit:?})",
+                    cg.applied().memory_bytes >> 20
+                ))
+            }
+            _ => exit,
+        }
+    }
 }
 
 /// Start a vhost-user daemon (`what`, for `backend`) with its stderr in `log`, and wait
@@ -327,6 +417,19 @@ pub fn classify(
     // The run directory is writable from the jail: read a bounded tail, never through
     // a symlink put in the log's place.
     let stderr = crate::console::console_tail(stderr_log, 40);
+    if status.code() == Some(EXIT_FORBIDDEN_SYSCALL) || status.signal() == Some(SIGSYS) {
+        // Whatever the VMM's stderr says of it: the process was stopped either way.
+        let said = stderr
+            .lines()
+            .rev()
+            .find(|l| l.contains("seccomp"))
+            .unwrap_or("no report on stderr");
+        return VmExit::SandboxViolation(format!(
+            "{program} made a system call its seccomp filter forbids and was stopped \
+             (a bug, or a guest that took over the VMM): {}",
+            said.trim()
+        ));
+    }
     let how = match (status.code(), status.signal()) {
         (Some(c), _) => format!("{program} exited with {c}"),
         (None, Some(s)) => format!("{program} killed by signal {s}"),

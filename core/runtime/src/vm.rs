@@ -56,6 +56,9 @@ pub struct BootSpec {
     pub ready_timeout: Duration,
     /// Where to put the console log (default: in the VM's run directory).
     pub console_log: Option<PathBuf>,
+    /// Host memory, CPU and processes its VM may use (cgroup v2; see
+    /// [`crate::cgroup::Limits`] for the defaults).
+    pub limits: crate::cgroup::Limits,
 }
 
 impl BootSpec {
@@ -71,6 +74,7 @@ impl BootSpec {
             extra_cmdline: String::new(),
             ready_timeout: Duration::from_secs(120),
             console_log: None,
+            limits: crate::cgroup::Limits::default(),
         }
     }
 }
@@ -264,6 +268,7 @@ pub async fn boot(hv: &dyn Hypervisor, spec: BootSpec) -> Result<RunningVm, Boot
         }),
         console_log: console.clone(),
         run_dir: run_dir.path().to_path_buf(),
+        limits: spec.limits,
     };
     let start = Instant::now();
     let mut vm = hv.create(vm_spec).await?;

@@ -11,21 +11,20 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Run `args` through `boxlet-jail` with `binds`, the spec and root in `dir`.
-fn run_jailed(dir: &Path, binds: Vec<Bind>, args: &[&std::ffi::OsStr]) -> std::process::Output {
-    let spec = JailSpec {
-        root: dir.join("root"),
-        binds,
-        keep_caps: Vec::new(),
-    };
+/// `boxlet-jail SPEC` with a spec of `binds`, the spec and root in `dir`.
+fn jail_command(dir: &Path, binds: Vec<Bind>) -> Command {
+    let spec = JailSpec::new(dir.join("root"), binds);
     std::fs::create_dir_all(&spec.root).unwrap();
     let file = dir.join("spec.json");
     std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_boxlet-jail"))
-        .arg(&file)
-        .args(args)
-        .output()
-        .unwrap()
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_boxlet-jail"));
+    cmd.arg(&file);
+    cmd
+}
+
+/// Run `args` through `boxlet-jail` with `binds`, the spec and root in `dir`.
+fn run_jailed(dir: &Path, binds: Vec<Bind>, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    jail_command(dir, binds).args(args).output().unwrap()
 }
 
 /// Run `script` with /bin/sh in a jail holding `dir` (writable) and `ro` (read-only).
@@ -136,4 +135,32 @@ fn a_jail_that_cannot_be_made_is_an_error_not_an_unconfined_program() {
     assert!(out.stdout.is_empty());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("/no/such/path"), "{e}");
+}
+
+#[test]
+fn a_jail_whose_outer_process_dies_before_it_is_made_never_runs_its_program() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut binds = system_binds();
+    binds.push(Bind::rw(dir.path()));
+    let marker = dir.path().join("ran");
+    // The child waits 500 ms before it asks for the parent's death signal; the parent
+    // is killed meanwhile.
+    let mut jail = jail_command(dir.path(), binds)
+        .env("BOXLET_JAIL_TEST_FORK_DELAY_MS", "500")
+        .args(["/bin/sh", "-c", "echo ran > \"$1\"", "sh"])
+        .arg(&marker)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    jail.kill().unwrap();
+    jail.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        !marker.exists(),
+        "the program ran although the jail's outer process was gone"
+    );
 }

@@ -9,6 +9,8 @@ mod archive;
 mod error;
 mod fetch;
 mod fsat;
+#[doc(hidden)]
+pub mod fuzz;
 mod image;
 mod layout;
 mod manifest;

@@ -213,6 +213,10 @@ impl Watchdog {
         std::thread::Builder::new()
             .name("vhost-watchdog".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::enter(crate::seccomp::Role::Watchdog) {
+                    eprintln!("boxlet-vmm: {e}");
+                    std::process::exit(1);
+                }
                 let (lock, cv) = &*shared;
                 let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
                 while !w.closed {

@@ -2,6 +2,12 @@
 #![allow(dead_code)] // each test crate uses its own part
 
 use boxlet_kvm::virtio::mmio::MmioTransport;
+use std::path::Path;
+
+use boxlet::hypervisor::VmSpec;
+use boxlet::initramfs::Initramfs;
+use boxlet_kvm::KvmBackend;
+use boxlet_testkit as kit;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const NEXT: u16 = 1;
@@ -89,4 +95,56 @@ pub fn reg(t: &mut MmioTransport, off: u64) -> u32 {
 /// A driver's 32-bit register write.
 pub fn set(t: &mut MmioTransport, off: u64, v: u32) {
     t.write(off, &v.to_le_bytes());
+}
+
+/// The VMM under test, found beside the test executables.
+pub fn backend() -> KvmBackend {
+    kit::helper_beside_tests("BOXLET_VMM", "boxlet-vmm");
+    KvmBackend::without_probe().unwrap()
+}
+
+/// A VM whose init is `script` (run by busybox sh from an initramfs).
+pub fn spec(dir: &Path, script: &str, vcpus: u8) -> VmSpec {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (make setup)");
+    let mut i = Initramfs::new();
+    i.dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .dir("dev", 0o755)
+        .char_dev("dev/console", 0o600, 5, 1)
+        .file(
+            "init",
+            0o755,
+            format!("#!/bin/busybox sh\n{script}\n").as_bytes(),
+        );
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(&initrd, i.finish()).unwrap();
+    VmSpec {
+        name: "l2".into(),
+        vcpus,
+        memory_mib: 256,
+        kernel: kit::kernel(),
+        initrd: Some(initrd),
+        // Not quiet: a failure shows how far the boot got.
+        cmdline: "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 rdinit=/init".into(),
+        disks: Vec::new(),
+        shares: Vec::new(),
+        vsock: None,
+        console_log: dir.join("console.log"),
+        run_dir: dir.to_path_buf(),
+        limits: Default::default(),
+    }
+}
+
+/// A VM that sleeps is still running after two seconds, and stops when asked.
+pub async fn runs_until_stopped(hv: &KvmBackend, dir: &Path) {
+    use boxlet::hypervisor::{Hypervisor, VmExit};
+    let mut vm = hv
+        .create(spec(dir, "while :; do /bin/busybox sleep 1; done", 1))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        vm.stop(std::time::Duration::from_secs(1)).await.unwrap(),
+        VmExit::Stopped
+    );
 }
