@@ -9,8 +9,8 @@ use boxlet::hypervisor::{
 };
 use boxlet::jail::{system_binds, vm_binds, Bind, JailSpec, Jailer};
 use boxlet::process::{
-    classify, find_program, owned, start_virtiofsds, virtiofsd_log, wait_or_stop, MonitoredVm,
-    VmLaunch,
+    classify, daemon_violation, find_program, forbidden_call_in, owned, start_virtiofsds,
+    virtiofsd_log, wait_or_stop, MonitoredVm, VmLaunch,
 };
 
 use crate::kernel_image;
@@ -149,7 +149,14 @@ impl Hypervisor for KvmBackend {
         let (console, stderr) = (spec.console_log.clone(), stderr_log);
         let run_dir = spec.run_dir.clone();
         Ok(Box::new(MonitoredVm::spawn(move |mut stop| async move {
-            let (status, stopped) = wait_or_stop(&mut child, &mut stop).await;
+            // A virtiofsd its seccomp filter killed ends the VM at once.
+            let (status, stopped, violation) = tokio::select! {
+                (s, stopped) = wait_or_stop(&mut child, &mut stop) => (s, stopped, false),
+                _ = forbidden_call_in(daemons.iter_mut().map(|(d, _)| d)) => {
+                    let _ = child.start_kill();
+                    (child.wait().await, false, true)
+                }
+            };
             // A daemon that died first is likely why the VMM failed: say so.
             let mut died = String::new();
             for (i, (d, socket)) in daemons.iter_mut().enumerate() {
@@ -167,6 +174,7 @@ impl Hypervisor for KvmBackend {
             }
             let _ = pump.await;
             let exit = match classify("boxlet-vmm", status, stopped, &console, &stderr) {
+                _ if violation => daemon_violation("virtiofsd"),
                 VmExit::VmmFailed(why) => VmExit::VmmFailed(why + &died),
                 exit => exit,
             };

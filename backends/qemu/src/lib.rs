@@ -23,8 +23,8 @@ use boxlet::hypervisor::{
 };
 use boxlet::jail::{system_binds, vm_binds, Bind, JailSpec, Jailer};
 use boxlet::process::{
-    classify, find_program, owned, start_daemon, start_virtiofsds, wait_or_stop, MonitoredVm,
-    VmLaunch,
+    classify, daemon_violation, find_program, forbidden_call_in, owned, start_daemon,
+    start_virtiofsds, wait_or_stop, MonitoredVm, VmLaunch,
 };
 use tokio::process::Child;
 
@@ -243,7 +243,7 @@ impl Hypervisor for Qemu {
         // One cgroup for QEMU and its daemons, removed when the VM ends (or this fails).
         let launch = VmLaunch::new(NAME, &self.jailer, &spec)?;
         // Started daemons are killed if a later step fails (kill_on_drop).
-        let mut daemons: Vec<Child> = Vec::new();
+        let mut daemons: Vec<(&'static str, Child)> = Vec::new();
         let mut sockets: Vec<PathBuf> = Vec::new();
         let mut vsock_sock = None;
         if let Some(v) = &spec.vsock {
@@ -265,20 +265,27 @@ impl Hypervisor for Qemu {
             ));
             let mut binds = system_binds();
             binds.push(Bind::rw(&spec.run_dir));
-            let jail = JailSpec::new(spec.run_dir.join("jail-vsock"), binds);
+            let mut jail = JailSpec::new(spec.run_dir.join("jail-vsock"), binds);
+            // It has no seccomp filter of its own: boxlet's (x86-64 so far).
+            if cfg!(target_arch = "x86_64") {
+                jail.seccomp = Some(boxlet::jail::SeccompProfile::VhostDeviceVsock);
+            }
             let cmd = launch
                 .wrap(jail, cmd)
                 .map_err(|e| start_err("vhost-device-vsock", e))?;
             sockets.push(sock.clone());
             sockets.push(v.uds_path.clone());
             let log = spec.run_dir.join("vhost-device-vsock.log");
-            daemons.push(start_daemon(NAME, "vhost-device-vsock", cmd, &sock, &log).await?);
+            daemons.push((
+                "vhost-device-vsock",
+                start_daemon(NAME, "vhost-device-vsock", cmd, &sock, &log).await?,
+            ));
             vsock_sock = Some(sock);
         }
         let mut fs_socks = Vec::new();
         let virtiofsds = start_virtiofsds(NAME, self.virtiofsd.as_deref(), &spec, &launch).await?;
         for (daemon, sock) in virtiofsds {
-            daemons.push(daemon);
+            daemons.push(("virtiofsd", daemon));
             sockets.push(sock.clone());
             fs_socks.push(sock);
         }
@@ -323,7 +330,8 @@ impl Hypervisor for Qemu {
 struct Monitor {
     qemu: Child,
     console_task: tokio::task::JoinHandle<()>,
-    daemons: Vec<Child>,
+    /// Each with its name, for reports.
+    daemons: Vec<(&'static str, Child)>,
     sockets: Vec<PathBuf>,
     console: PathBuf,
     stderr_log: PathBuf,
@@ -333,9 +341,16 @@ struct Monitor {
 
 impl Monitor {
     async fn run(mut self, mut stop: tokio::sync::mpsc::Receiver<Duration>) -> VmExit {
-        // A stop is SIGTERM first: QEMU flushes its disks and exits.
-        let (status, stopped) = wait_or_stop(&mut self.qemu, &mut stop).await;
-        for d in &mut self.daemons {
+        // A stop is SIGTERM first: QEMU flushes its disks and exits. A daemon its seccomp
+        // filter killed ends the VM at once.
+        let (status, stopped, violation) = tokio::select! {
+            (s, stopped) = wait_or_stop(&mut self.qemu, &mut stop) => (s, stopped, None),
+            i = forbidden_call_in(self.daemons.iter_mut().map(|(_, d)| d)) => {
+                let _ = self.qemu.start_kill();
+                (self.qemu.wait().await, false, Some(self.daemons[i].0))
+            }
+        };
+        for (_, d) in &mut self.daemons {
             let _ = d.start_kill();
             let _ = d.wait().await;
         }
@@ -344,7 +359,10 @@ impl Monitor {
         for s in &self.sockets {
             let _ = std::fs::remove_file(s);
         }
-        let exit = classify("qemu", status, stopped, &self.console, &self.stderr_log);
+        let exit = match violation {
+            Some(name) => daemon_violation(name),
+            None => classify("qemu", status, stopped, &self.console, &self.stderr_log),
+        };
         self.launch.explain(exit)
     }
 }

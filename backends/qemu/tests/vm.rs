@@ -38,3 +38,9 @@ async fn a_guest_kernel_panic_is_an_error_not_a_hang() {
 async fn a_killed_vmm_is_an_error_not_a_hang() {
     kit::a_killed_vmm_is_an_error_not_a_hang(&Qemu::new().unwrap(), "qemu-system-x86_64").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vsock_daemon_killed_by_its_filter_stops_the_vm() {
+    kit::a_daemon_killed_by_its_filter_stops_the_vm(&Qemu::new().unwrap(), "vhost-device-vsock")
+        .await;
+}

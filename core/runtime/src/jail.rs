@@ -76,6 +76,19 @@ pub struct JailSpec {
     /// The VM's cgroup ([`crate::cgroup`]), joined before anything else.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// A seccomp filter of boxlet's for a program without its own
+    /// ([`crate::daemon_filter`]), installed last, before the program runs.
+    #[serde(default)]
+    pub seccomp: Option<SeccompProfile>,
+}
+
+/// A daemon's seccomp filter ([`crate::daemon_filter`]; x86-64 only so far: elsewhere a
+/// jail asked for one cannot be made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeccompProfile {
+    /// `vhost-device-vsock` 0.3 (rust-vmm): vhost-user on a Unix socket, the guest's
+    /// connections as Unix sockets beside it, epoll, worker threads.
+    VhostDeviceVsock,
 }
 
 impl JailSpec {
@@ -86,6 +99,7 @@ impl JailSpec {
             binds,
             keep_caps: Vec::new(),
             cgroup: None,
+            seccomp: None,
         }
     }
 }
@@ -582,6 +596,14 @@ mod linux {
             },
         )?;
         rustix::thread::set_no_new_privs(true)?;
+        if let Some(profile) = spec.seccomp {
+            #[cfg(target_arch = "x86_64")]
+            crate::daemon_filter::install(profile)?;
+            #[cfg(not(target_arch = "x86_64"))]
+            return Err(io::Error::other(format!(
+                "no seccomp filter {profile:?} for this architecture"
+            )));
+        }
         Ok(())
     }
 }

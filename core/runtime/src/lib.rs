@@ -14,6 +14,8 @@
 pub mod agent;
 pub mod cgroup;
 pub mod console;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod daemon_filter;
 pub mod disk_store;
 #[doc(hidden)]
 pub mod fuzz;

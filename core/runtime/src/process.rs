@@ -305,6 +305,33 @@ impl VmLaunch {
     }
 }
 
+/// Wait until one of `daemons` dies of SIGSYS (a seccomp filter, its own or boxlet's,
+/// killed it: a bug, or a guest that took the daemon over) and return its index; never
+/// returns otherwise. A backend runs this beside its wait for the VMM, so such a death
+/// stops the whole VM.
+pub async fn forbidden_call_in<'a>(daemons: impl Iterator<Item = &'a mut Child>) -> usize {
+    use std::os::unix::process::ExitStatusExt;
+    let mut daemons: Vec<&mut Child> = daemons.collect();
+    loop {
+        for (i, d) in daemons.iter_mut().enumerate() {
+            if let Ok(Some(status)) = d.try_wait() {
+                if status.signal() == Some(SIGSYS) {
+                    return i;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The report of a daemon `name` that [`forbidden_call_in`] found killed.
+pub fn daemon_violation(name: &str) -> VmExit {
+    VmExit::SandboxViolation(format!(
+        "{name} made a system call its seccomp filter forbids and was killed (a bug, or a \
+         guest that took it over); the VM is stopped"
+    ))
+}
+
 /// Start a vhost-user daemon (`what`, for `backend`) with its stderr in `log`, and wait
 /// until it listens on `socket`. A daemon that exits first is an error carrying its log.
 pub async fn start_daemon(

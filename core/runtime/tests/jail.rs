@@ -164,3 +164,37 @@ fn a_jail_whose_outer_process_dies_before_it_is_made_never_runs_its_program() {
         "the program ran although the jail's outer process was gone"
     );
 }
+
+#[test]
+fn a_daemon_filter_lets_a_program_start_and_kills_it_at_a_forbidden_call() {
+    use std::os::unix::process::ExitStatusExt;
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    let run = |script: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = JailSpec::new(dir.path().join("root"), system_binds());
+        spec.seccomp = Some(boxlet::jail::SeccompProfile::VhostDeviceVsock);
+        std::fs::create_dir_all(&spec.root).unwrap();
+        let file = dir.path().join("spec.json");
+        std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_boxlet-jail"))
+            .arg(&file)
+            .args(["/usr/bin/perl", "-e", script])
+            .output()
+            .unwrap()
+    };
+    // A dynamically linked program starts and runs under the daemon's filter...
+    let ok = run("print qq(started\\n)");
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(ok.stdout, b"started\n");
+    // ...and a call outside it (ptrace, 101) kills it with SIGSYS.
+    let killed = run("syscall(101, 0, 0, 0, 0); print qq(survived\\n)");
+    assert_eq!(
+        killed.status.signal(),
+        Some(boxlet::process::SIGSYS),
+        "{killed:?}"
+    );
+    assert!(killed.stdout.is_empty(), "{killed:?}");
+}

@@ -633,6 +633,44 @@ pub async fn a_killed_vmm_is_an_error_not_a_hang(hv: &dyn Hypervisor, vmm: &str)
     assert_nothing_left(&run_dir);
 }
 
+/// A daemon of the VM (`daemon`, as its command line names it) that dies of SIGSYS, as
+/// its seccomp filter kills it at a forbidden call, stops the whole VM, which reports a
+/// sandbox violation naming it, and nothing of the VM is left. (The signal goes to the
+/// daemon's jail, which ends that way when its program does: a jailed daemon is PID 1
+/// of its namespace, where a SIGSYS from outside is ignored and only the kernel's own,
+/// at a forbidden call, lands. The jail tests show a filtered program's SIGSYS death
+/// reaching the jail's status.)
+pub async fn a_daemon_killed_by_its_filter_stops_the_vm(hv: &dyn Hypervisor, daemon: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_disk(dir.path(), true);
+    let vm = boot(
+        hv,
+        spec(Root::Disk {
+            path: base,
+            read_only: true,
+        }),
+    )
+    .await
+    .unwrap();
+    let run_dir = vm.run_dir().to_path_buf();
+    let name = run_dir.file_name().unwrap().to_str().unwrap().to_owned();
+    // The oldest match is the jail's outer process (or the daemon, unjailed).
+    let st = Command::new("pkill")
+        .args(["-SYS", "-o", "-f", &format!("{daemon}.*{name}")])
+        .status()
+        .unwrap();
+    assert!(st.success(), "pkill found {daemon}");
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(30), vm.wait())
+        .await
+        .expect("the VM was stopped")
+        .unwrap();
+    assert!(
+        matches!(exit, VmExit::SandboxViolation(ref m) if m.contains(daemon)),
+        "{exit:?}"
+    );
+    assert_nothing_left(&run_dir);
+}
+
 /// For a backend's own tests: point `$var` at the helper binary `name` that cargo built
 /// into the target directory (test binaries run from `target/<profile>/deps`, binaries
 /// sit one level up), unless `$var` is already set.

@@ -10,8 +10,11 @@ use std::path::Path;
 use crate::error::{CasError, Result};
 
 /// Make `dir` (and its parents) if missing, the last one with mode 0700, then check it:
-/// a directory, owned by this process's effective user, writable by nobody else. A
-/// directory only others can read or search (an older boxlet's 0755) is narrowed to 0700.
+/// a directory, owned by this process's effective user, writable by nobody else, and
+/// every directory above it owned by root or this user and writable by no one else
+/// unless sticky (as sshd's StrictModes has it: whoever may rename a parent may swap the
+/// store for one of their own). A directory only others can read or search (an older
+/// boxlet's 0755) is narrowed to 0700.
 pub fn private_dir(dir: &Path) -> Result<()> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(CasError::io("creating", parent))?;
@@ -45,6 +48,25 @@ pub fn private_dir(dir: &Path) -> Result<()> {
             dir.display()
         )));
     }
+    let real = fs::canonicalize(dir).map_err(CasError::io("resolving", dir))?;
+    for above in real.ancestors().skip(1) {
+        let m = fs::metadata(above).map_err(CasError::io("reading", above))?;
+        let (uid, mode) = (m.uid(), m.mode() & 0o7777);
+        if uid != 0 && uid != me {
+            return Err(insecure(format!(
+                "{} above it is owned by uid {uid}: that user could move the store away \
+                 and put another in its place",
+                above.display()
+            )));
+        }
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(insecure(format!(
+                "{} above it has mode {mode:04o}: other users could move the store away \
+                 and put another in its place",
+                above.display()
+            )));
+        }
+    }
     if mode & 0o077 != 0 {
         tracing::warn!(
             dir = %dir.display(),
@@ -62,6 +84,29 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_store_under_a_directory_another_user_controls_is_refused() {
+        use std::os::unix::fs::chown;
+        let dir = tempfile::tempdir().unwrap();
+        // A parent another user owns (only root can make one for the test).
+        if rustix::process::geteuid().is_root() {
+            let theirs = dir.path().join("theirs");
+            fs::create_dir(&theirs).unwrap();
+            chown(&theirs, Some(12345), Some(12345)).unwrap();
+            let e = private_dir(&theirs.join("home")).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 12345"), "{e}");
+        }
+        // A parent anyone may write to, without the sticky bit.
+        let open = dir.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = private_dir(&open.join("home")).unwrap_err().to_string();
+        assert!(e.contains("mode 0777"), "{e}");
+        // With the sticky bit (as /tmp has it) others cannot move what is ours.
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+        private_dir(&open.join("home2")).unwrap();
     }
 
     #[test]

@@ -1,0 +1,135 @@
+//! seccomp filters boxlet puts on helper daemons that have none of their own, installed
+//! by `boxlet-jail` as its last step before it runs the daemon (so the list includes
+//! what the dynamic loader and the C library need to start a program). A call outside
+//! the list kills the daemon with SIGSYS (no core: the jail sets none); the backend then
+//! stops the VM and reports a sandbox violation.
+//!
+//! The lists come from tracing the daemons through boxlet's test suites (strace -f) and
+//! are kept to what that shows, plus the C library's usual startup.
+
+use std::collections::BTreeMap;
+
+use nix::libc;
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+pub use crate::jail::SeccompProfile as Profile;
+
+/// Starting a dynamically linked program: exec itself, the loader mapping and
+/// protecting libraries, thread and signal setup of the C library and Rust's std.
+const STARTUP: &[libc::c_long] = &[
+    libc::SYS_execve,
+    libc::SYS_brk,
+    libc::SYS_arch_prctl,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_munmap,
+    libc::SYS_openat,
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_close,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_access,
+    // Programs finding their own path (/proc/self/exe).
+    libc::SYS_readlink,
+    libc::SYS_set_tid_address,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prlimit64,
+    libc::SYS_getrandom,
+    libc::SYS_poll,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_futex,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_madvise,
+    libc::SYS_mremap,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// vhost-device-vsock at work (strace -f of the QEMU box suite): worker threads named
+/// with prctl, the vhost-user socket (descriptors passed on it, guest memory mapped from
+/// them), epoll, eventfds, the guest's connections as Unix sockets it binds, accepts and
+/// connects, removing stale socket files. Arguments are checked where one call has many
+/// uses (ioctl, prctl, socket: see [`program`]).
+const VHOST_DEVICE_VSOCK: &[libc::c_long] = &[
+    libc::SYS_clone3,
+    libc::SYS_write,
+    libc::SYS_lseek,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_unlink,
+];
+
+/// The compiled filter of `profile`.
+pub fn program(profile: Profile) -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let (extra, name): (&[libc::c_long], &str) = match profile {
+        Profile::VhostDeviceVsock => (VHOST_DEVICE_VSOCK, "vhost-device-vsock"),
+    };
+    for &nr in STARTUP.iter().chain(extra) {
+        rules.insert(nr, Vec::new());
+    }
+    let when = |arg: u8, values: &[u64]| -> Result<Vec<SeccompRule>, String> {
+        values
+            .iter()
+            .map(|&v| {
+                SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
+                    .and_then(|c| SeccompRule::new(vec![c]))
+                    .map_err(|e| format!("{name}: {e}"))
+            })
+            .collect()
+    };
+    // Unix sockets only: the daemon has no network (and no other family).
+    rules.insert(libc::SYS_socket, when(0, &[libc::AF_UNIX as u64])?);
+    // Non-blocking sockets, and the C library asking whether stderr is a terminal.
+    rules.insert(libc::SYS_ioctl, when(1, &[libc::FIONBIO, libc::TCGETS])?);
+    // Naming its threads; a panic's abort raising SIGABRT.
+    rules.insert(libc::SYS_prctl, when(0, &[libc::PR_SET_NAME as u64])?);
+    rules.insert(libc::SYS_tgkill, when(2, &[libc::SIGABRT as u64])?);
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(|e| format!("{name}: {e}"))
+}
+
+/// Put the calling thread (and what it executes) under `profile`'s filter.
+pub fn install(profile: Profile) -> std::io::Result<()> {
+    let prog = program(profile).map_err(std::io::Error::other)?;
+    seccompiler::apply_filter(&prog).map_err(std::io::Error::other)
+}
