@@ -148,6 +148,8 @@ impl Hypervisor for KvmBackend {
         let pump = tokio::spawn(boxlet::console::pump_console(out, console));
         let (console, stderr) = (spec.console_log.clone(), stderr_log);
         let run_dir = spec.run_dir.clone();
+        // The VMM may not remove it itself (its filter refuses path calls).
+        let vsock_uds = spec.vsock.as_ref().map(|v| v.uds_path.clone());
         Ok(Box::new(MonitoredVm::spawn(move |mut stop| async move {
             // A virtiofsd its seccomp filter killed ends the VM at once.
             let (status, stopped, violation) = tokio::select! {
@@ -173,6 +175,9 @@ impl Hypervisor for KvmBackend {
                 let _ = std::fs::remove_file(socket);
             }
             let _ = pump.await;
+            if let Some(uds) = &vsock_uds {
+                let _ = std::fs::remove_file(uds);
+            }
             let exit = match classify("boxlet-vmm", status, stopped, &console, &stderr) {
                 _ if violation => daemon_violation("virtiofsd"),
                 VmExit::VmmFailed(why) => VmExit::VmmFailed(why + &died),

@@ -648,11 +648,18 @@ fn build(spec: &VmSpec, cmdline: &str) -> Result<Machine, VmmError> {
 fn run_vcpu(
     index: usize,
     mut vcpu: VcpuFd,
+    go: Arc<std::sync::Barrier>,
     ports: Arc<Mutex<PortBus>>,
     mmio: Arc<MmioBus>,
     started: std::time::Instant,
 ) -> Result<(), VmmError> {
-    seccomp::enter(Role::Vcpu)?;
+    if let Err(e) = seccomp::enter(Role::Vcpu) {
+        // Never run a guest unfiltered; the others wait for this one: end the VM.
+        eprintln!("boxlet-vmm: {e}");
+        std::process::exit(1);
+    }
+    // Nothing runs the guest before every thread, the main one too, is filtered.
+    go.wait();
     if index == 0 && std::env::var_os("BOXLET_VMM_TIMINGS").is_some() {
         eprintln!(
             "boxlet-vmm: first KVM_RUN {:.3} ms after start",
@@ -720,7 +727,9 @@ fn run_vcpu(
 fn spawn_device_worker(
     dev: &Arc<Mutex<MmioTransport>>,
     notifiers: &[EventFd],
+    go: &Arc<std::sync::Barrier>,
 ) -> Result<(), VmmError> {
+    let go = Arc::clone(go);
     // A thread that panicked while holding the lock left it poisoned; the transport
     // re-checks everything it reads, so serving on is safe.
     let (host_fd, external) = {
@@ -742,6 +751,7 @@ fn spawn_device_worker(
                 eprintln!("boxlet-vmm: {e}");
                 std::process::exit(1);
             }
+            go.wait();
             let mut fds: Vec<libc::pollfd> = notifiers
                 .iter()
                 .map(|e| e.as_raw_fd())
@@ -796,23 +806,30 @@ pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
     let _ = register_signal_handler(SIGRTMIN(), on_kick);
     let (tx, rx) = std::sync::mpsc::channel();
     let mut threads = Vec::new();
+    // Every vCPU and device thread, and this one, meet here once filtered: threads share
+    // one address space, so none may serve the guest while another is unfiltered.
+    let go = Arc::new(std::sync::Barrier::new(
+        machine.vcpus.len() + machine.mmio.devices.len() + 1,
+    ));
     for (i, vcpu) in std::mem::take(&mut machine.vcpus).into_iter().enumerate() {
         let ports = Arc::clone(&machine.ports);
         let mmio = Arc::clone(&machine.mmio);
         let tx = tx.clone();
+        let go = Arc::clone(&go);
         threads.push(
             std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
-                    let _ = tx.send(run_vcpu(i, vcpu, ports, mmio, started));
+                    let _ = tx.send(run_vcpu(i, vcpu, go, ports, mmio, started));
                 })?,
         );
     }
     for (dev, notifiers) in machine.mmio.devices.iter().zip(&machine.mmio.notifiers) {
-        spawn_device_worker(dev, notifiers)?;
+        spawn_device_worker(dev, notifiers, &go)?;
     }
     drop(tx);
     seccomp::enter(Role::Main)?;
+    go.wait();
     test_allocate();
     // The first vCPU to finish decides: the VM is over either way (the process exits,
     // taking the other vCPUs with it).

@@ -106,9 +106,34 @@ pub fn parent() -> Result<PathBuf, String> {
     if !rustix::process::geteuid().is_root() {
         return Err("cgroups for VMs need root (rootless delegation is not built yet)".into());
     }
-    Ok(std::env::var_os("BOXLET_CGROUP_PARENT")
+    let parent = std::env::var_os("BOXLET_CGROUP_PARENT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("boxlet")))
+        .unwrap_or_else(|| root.join("boxlet"));
+    // A parent elsewhere (a typo, a plain directory) would take the limit files as
+    // plain files and limit nothing.
+    let holder = parent.parent().unwrap_or(&parent);
+    match rustix::fs::statfs(holder) {
+        #[allow(clippy::unnecessary_cast)]
+        Ok(fs) if fs.f_type as i64 == CGROUP2_SUPER_MAGIC => {}
+        _ => {
+            return Err(format!(
+                "{} is not in the cgroup v2 hierarchy",
+                parent.display()
+            ))
+        }
+    }
+    // One that exists must be root's alone: whoever may write it could move a VM's
+    // processes out of their limits.
+    if let Ok(m) = std::fs::symlink_metadata(&parent) {
+        use std::os::unix::fs::MetadataExt;
+        if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+            return Err(format!(
+                "{} is not a directory only root may write",
+                parent.display()
+            ));
+        }
+    }
+    Ok(parent)
 }
 
 /// Turn the controllers on for the children of `dir`.
@@ -163,13 +188,18 @@ impl Cgroup {
         std::fs::create_dir(&path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         let cg = Cgroup { path, applied };
+        // The limit files are the kernel's: written, never created.
         let write = |file: &str, value: String| {
-            std::fs::write(cg.path.join(file), &value).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("{}/{file} = {value}: {e}", cg.path.display()),
-                )
-            })
+            let open = std::fs::OpenOptions::new()
+                .write(true)
+                .open(cg.path.join(file));
+            open.and_then(|mut f| std::io::Write::write_all(&mut f, value.as_bytes()))
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("{}/{file} = {value}: {e}", cg.path.display()),
+                    )
+                })
         };
         let set = write("memory.max", applied.memory_bytes.to_string())
             .and_then(|()| write("pids.max", applied.pids.to_string()))
@@ -212,17 +242,40 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
-        for _ in 0..50 {
-            match std::fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                // Busy while the killed processes finish exiting.
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        // Waiting for the killed processes to go takes a moment: off the async runtime
+        // when there is one.
+        let path = std::mem::take(&mut self.path);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || remove(&path))),
+            Err(_) => remove(&path),
+        }
+    }
+}
+
+/// Kill what runs in the cgroup at `path` and remove it (within 10 s).
+fn remove(path: &Path) {
+    // cgroup.kill (Linux 5.14) kills everything at once; older kernels get SIGKILL for
+    // each process listed.
+    if std::fs::write(path.join("cgroup.kill"), "1").is_err() {
+        if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
-        tracing::warn!(path = %self.path.display(), "a VM's cgroup could not be removed");
     }
+    for _ in 0..1000 {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            // Busy while the killed processes finish exiting (a large guest's memory
+            // takes a while to free).
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+    tracing::warn!(path = %path.display(), "a VM's cgroup could not be removed");
 }
 
 /// Join the cgroup at `path` (the calling process and all it starts from now on).

@@ -48,7 +48,6 @@ const STARTUP: &[libc::c_long] = &[
     libc::SYS_sigaltstack,
     libc::SYS_sched_getaffinity,
     libc::SYS_sched_yield,
-    libc::SYS_futex,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
@@ -70,7 +69,6 @@ const STARTUP: &[libc::c_long] = &[
 /// connects, removing stale socket files. Arguments are checked where one call has many
 /// uses (ioctl, prctl, socket: see [`program`]).
 const VHOST_DEVICE_VSOCK: &[libc::c_long] = &[
-    libc::SYS_clone3,
     libc::SYS_write,
     libc::SYS_lseek,
     libc::SYS_fcntl,
@@ -92,7 +90,33 @@ const VHOST_DEVICE_VSOCK: &[libc::c_long] = &[
     libc::SYS_unlink,
 ];
 
-/// The compiled filter of `profile`.
+/// Namespace flags of clone: a thread gets none of them.
+const CLONE_NAMESPACES: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWCGROUP) as u64;
+
+/// The compiled filters of `profile`, to install in this order: the first fails
+/// `clone3` with ENOSYS (its flags are in memory, out of a filter's sight; the C library
+/// then uses `clone`, whose flags the second checks), the second is the daemon's list.
+pub fn programs(profile: Profile) -> Result<[BpfProgram; 2], String> {
+    let mut nosys: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    nosys.insert(libc::SYS_clone3, Vec::new());
+    let first = SeccompFilter::new(
+        nosys,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(|e| e.to_string())?;
+    Ok([first, program(profile)?])
+}
+
+/// The daemon's list of `profile` (see [`programs`] for the filter that goes first).
 pub fn program(profile: Profile) -> Result<BpfProgram, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let (extra, name): (&[libc::c_long], &str) = match profile {
@@ -101,6 +125,8 @@ pub fn program(profile: Profile) -> Result<BpfProgram, String> {
     for &nr in STARTUP.iter().chain(extra) {
         rules.insert(nr, Vec::new());
     }
+    // Left to the filter before this one, which refuses it.
+    rules.insert(libc::SYS_clone3, Vec::new());
     let when = |arg: u8, values: &[u64]| -> Result<Vec<SeccompRule>, String> {
         values
             .iter()
@@ -118,6 +144,34 @@ pub fn program(profile: Profile) -> Result<BpfProgram, String> {
     // Naming its threads; a panic's abort raising SIGABRT.
     rules.insert(libc::SYS_prctl, when(0, &[libc::PR_SET_NAME as u64])?);
     rules.insert(libc::SYS_tgkill, when(2, &[libc::SIGABRT as u64])?);
+    let masked = |arg: u8, mask: u64, value: u64| {
+        SeccompCondition::new(
+            arg,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(mask),
+            value,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| format!("{name}: {e}"))
+    };
+    // Threads only: CLONE_THREAD, no namespace.
+    rules.insert(
+        libc::SYS_clone,
+        vec![masked(
+            0,
+            CLONE_NAMESPACES | libc::CLONE_THREAD as u64,
+            libc::CLONE_THREAD as u64,
+        )?],
+    );
+    // futex: WAIT, WAKE, WAIT_BITSET, WAKE_BITSET, with or without PRIVATE and
+    // CLOCK_REALTIME (no requeueing, no priority inheritance).
+    rules.insert(
+        libc::SYS_futex,
+        [0, 1, 9, 10]
+            .into_iter()
+            .map(|op| masked(1, 0x7f, op))
+            .collect::<Result<_, _>>()?,
+    );
     SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -128,8 +182,10 @@ pub fn program(profile: Profile) -> Result<BpfProgram, String> {
     .map_err(|e| format!("{name}: {e}"))
 }
 
-/// Put the calling thread (and what it executes) under `profile`'s filter.
+/// Put the calling thread (and what it executes) under `profile`'s filters.
 pub fn install(profile: Profile) -> std::io::Result<()> {
-    let prog = program(profile).map_err(std::io::Error::other)?;
-    seccompiler::apply_filter(&prog).map_err(std::io::Error::other)
+    for prog in programs(profile).map_err(std::io::Error::other)? {
+        seccompiler::apply_filter(&prog).map_err(std::io::Error::other)?;
+    }
+    Ok(())
 }

@@ -443,17 +443,20 @@ mod linux {
         // /proc and /tmp first: binds may lie under /tmp (a VM's run directory).
         let proc_dir = root.join("proc");
         std::fs::create_dir_all(&proc_dir)?;
+        // Read-only as a whole: a root without capabilities may otherwise write by file
+        // mode alone to sysctls (core_pattern, modprobe: programs the host kernel runs
+        // as root), sysrq, /proc/scsi/scsi (detaching a host disk), /proc/acpi/wakeup.
         mount(
             "proc",
             &proc_dir,
             "proc",
-            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC | MountFlags::RDONLY,
             None,
         )
         .map_err(ctx("mounting", &proc_dir))?;
-        // A root without capabilities may still write sysctls (core_pattern, modprobe:
-        // a program the host kernel runs as root) and sysrq by file mode alone: those
-        // parts of /proc are read-only, the kernel's memory and keys hidden.
+        // Belt and braces where the mount's flag would not reach (a proc mounted
+        // differently by an older kernel): those parts read-only again, the kernel's
+        // memory and keys hidden.
         for sub in ["sys", "sysrq-trigger", "irq", "bus", "fs"] {
             let p = proc_dir.join(sub);
             if p.exists() {

@@ -293,7 +293,12 @@ impl VmLaunch {
     /// the memory limit, which is then what is reported.
     pub fn explain(&self, exit: VmExit) -> VmExit {
         match &self.cgroup {
-            Some(cg) if cg.oom_kills() > 0 && !matches!(exit, VmExit::Stopped) => {
+            // A stop asked for, or a sandbox violation, is the news whatever else the
+            // cgroup saw.
+            Some(cg)
+                if cg.oom_kills() > 0
+                    && !matches!(exit, VmExit::Stopped | VmExit::SandboxViolation(_)) =>
+            {
                 VmExit::MemoryLimit(format!(
                     "the VM's host processes went past their memory limit of {} MiB and the \
                      kernel killed them ({exit:?})",
@@ -431,20 +436,14 @@ pub fn classify(
     if stopped {
         return VmExit::Stopped;
     }
-    let tail = crate::console::console_tail(console, 200);
-    if let Some(line) = tail
-        .lines()
-        .find(|l| l.contains("Kernel panic - not syncing"))
-    {
-        return VmExit::GuestPanic(line.trim().to_string());
-    }
-    if status.success() {
-        return VmExit::Shutdown;
-    }
     // The run directory is writable from the jail: read a bounded tail, never through
     // a symlink put in the log's place.
     let stderr = crate::console::console_tail(stderr_log, 40);
-    if status.code() == Some(EXIT_FORBIDDEN_SYSCALL) || status.signal() == Some(SIGSYS) {
+    // Checked before anything the guest can write (its console): a guest must not pass
+    // its attack on the VMM off as a panic of its own. Exit 159 is boxlet-vmm's report;
+    // other VMMs (QEMU's isa-debug-exit can exit 159) count only by the signal.
+    let reported = program == "boxlet-vmm" && status.code() == Some(EXIT_FORBIDDEN_SYSCALL);
+    if reported || status.signal() == Some(SIGSYS) {
         // Whatever the VMM's stderr says of it: the process was stopped either way.
         let said = stderr
             .lines()
@@ -456,6 +455,16 @@ pub fn classify(
              (a bug, or a guest that took over the VMM): {}",
             said.trim()
         ));
+    }
+    let tail = crate::console::console_tail(console, 200);
+    if let Some(line) = tail
+        .lines()
+        .find(|l| l.contains("Kernel panic - not syncing"))
+    {
+        return VmExit::GuestPanic(line.trim().to_string());
+    }
+    if status.success() {
+        return VmExit::Shutdown;
     }
     let how = match (status.code(), status.signal()) {
         (Some(c), _) => format!("{program} exited with {c}"),
@@ -545,6 +554,36 @@ mod tests {
             exclusive,
             ids,
         }
+    }
+
+    #[test]
+    fn a_sandbox_violation_is_reported_before_what_the_guest_wrote() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console");
+        let stderr = dir.path().join("stderr");
+        // The guest prints a panic line, then its takeover of the VMM is stopped.
+        std::fs::write(&console, "Kernel panic - not syncing: not really\n").unwrap();
+        std::fs::write(
+            &stderr,
+            "boxlet-vmm: seccomp: the vcpu thread made system call 101\n",
+        )
+        .unwrap();
+        let exit_159 = || Ok(ExitStatus::from_raw(EXIT_FORBIDDEN_SYSCALL << 8));
+        let sigsys = || Ok(ExitStatus::from_raw(SIGSYS));
+        match classify("boxlet-vmm", exit_159(), false, &console, &stderr) {
+            VmExit::SandboxViolation(m) => assert!(m.contains("system call 101"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            classify("qemu", sigsys(), false, &console, &stderr),
+            VmExit::SandboxViolation(_)
+        ));
+        // Exit 159 means nothing from another VMM (QEMU's isa-debug-exit can produce it).
+        assert!(matches!(
+            classify("qemu", exit_159(), false, &console, &stderr),
+            VmExit::GuestPanic(_)
+        ));
     }
 
     #[test]

@@ -61,6 +61,7 @@ fn a_jailed_process_sees_only_what_it_was_given_and_holds_no_capability() {
          hostname boxlet 2>/dev/null && echo renamed-host; \
          cat /proc/sys/kernel/core_pattern > /tmp/cp; \
          cat /tmp/cp > /proc/sys/kernel/core_pattern 2>/dev/null && echo wrote-a-sysctl; \
+         echo jailed > /proc/self/comm 2>/dev/null && echo wrote-proc; \
          test -s /proc/kcore && echo sees-kcore; true",
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -113,6 +114,7 @@ fn a_jailed_process_sees_only_what_it_was_given_and_holds_no_capability() {
     // A root without capabilities could still write sysctls by file mode (core_pattern
     // names a program the host runs as root): /proc/sys is read-only, kcore hidden.
     assert!(!text.contains("wrote-a-sysctl"), "{text}");
+    assert!(!text.contains("wrote-proc"), "/proc is read-only: {text}");
     assert!(!text.contains("sees-kcore"), "{text}");
     assert!(
         text.contains("wrote-rw") && !text.contains("wrote-ro"),

@@ -48,8 +48,28 @@ pub fn private_dir(dir: &Path) -> Result<()> {
             dir.display()
         )));
     }
+    // The path as given, then as resolved: every symlink on the way owned by root or
+    // this user (one another user left in a sticky directory could point anywhere), and
+    // every directory above as below.
+    let given = std::path::absolute(dir).map_err(CasError::io("resolving", dir))?;
+    for p in given.ancestors() {
+        let Ok(m) = fs::symlink_metadata(p) else {
+            continue;
+        };
+        if m.file_type().is_symlink() && m.uid() != 0 && m.uid() != me {
+            return Err(insecure(format!(
+                "{} on its path is a symlink of uid {}: that user could point it elsewhere",
+                p.display(),
+                m.uid()
+            )));
+        }
+    }
     let real = fs::canonicalize(dir).map_err(CasError::io("resolving", dir))?;
-    for above in real.ancestors().skip(1) {
+    let given_dirs = given
+        .ancestors()
+        .skip(1)
+        .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()));
+    for above in real.ancestors().skip(1).chain(given_dirs) {
         let m = fs::metadata(above).map_err(CasError::io("reading", above))?;
         let (uid, mode) = (m.uid(), m.mode() & 0o7777);
         if uid != 0 && uid != me {
@@ -107,6 +127,25 @@ mod tests {
         // With the sticky bit (as /tmp has it) others cannot move what is ours.
         fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
         private_dir(&open.join("home2")).unwrap();
+        // A path through a directory another user controls, by a symlink that leads to
+        // a safe place, is as unsafe: they could point it elsewhere.
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let safe = dir.path().join("safe");
+        fs::create_dir(&safe).unwrap();
+        std::os::unix::fs::symlink(&safe, open.join("link")).unwrap();
+        let e = private_dir(&open.join("link/home"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mode 0777"), "{e}");
+        if rustix::process::geteuid().is_root() {
+            // Someone else's symlink in a sticky directory.
+            fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+            let theirs = open.join("their-link");
+            std::os::unix::fs::symlink(&safe, &theirs).unwrap();
+            std::os::unix::fs::lchown(&theirs, Some(12345), Some(12345)).unwrap();
+            let e = private_dir(&theirs).unwrap_err().to_string();
+            assert!(e.contains("symlink of uid 12345"), "{e}");
+        }
     }
 
     #[test]
