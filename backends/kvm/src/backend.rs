@@ -79,8 +79,8 @@ impl KvmBackend {
     /// kernel, initrd, disks with their backing chains), `/dev/kvm`, and the kernel's
     /// cached image, read-only. The image is built here, outside the jail, so a VMM can
     /// never write an image another VM maps; if it cannot be built the VMM copies the
-    /// kernel instead.
-    async fn jail(&self, spec: &VmSpec) -> Result<JailSpec, HypervisorError> {
+    /// kernel instead. Returns the spec and the image's path, when there is one.
+    async fn jail(&self, spec: &VmSpec) -> Result<(JailSpec, Option<PathBuf>), HypervisorError> {
         let mut binds = system_binds();
         binds.extend(vm_binds(spec).map_err(|e| HypervisorError::Start {
             backend: NAME,
@@ -88,6 +88,7 @@ impl KvmBackend {
             msg: format!("preparing its jail: {e}"),
         })?);
         binds.push(Bind::dev("/dev/kvm"));
+        let mut given = None;
         if self.jailer != Jailer::Off && kernel_image::zero_copy(spec) {
             let kernel = spec.kernel.clone();
             let image = tokio::task::spawn_blocking(move || {
@@ -96,9 +97,10 @@ impl KvmBackend {
             .await;
             if let Ok(Ok(image)) = image {
                 binds.extend(image.paths.iter().map(Bind::ro));
+                given = Some(image.paths[0].clone());
             }
         }
-        Ok(JailSpec::new(spec.run_dir.join("jail-vmm"), binds))
+        Ok((JailSpec::new(spec.run_dir.join("jail-vmm"), binds), given))
     }
 }
 
@@ -136,8 +138,14 @@ impl Hypervisor for KvmBackend {
             .map_err(|e| start(format!("{}: {e}", spec.console_log.display())))?;
         let mut cmd = owned(&self.vmm);
         cmd.arg(&spec_path);
+        let (jail, image) = self.jail(&spec).await?;
+        if let Some(image) = image {
+            // Named outright: inside the jail the cache's own directory checks (a private
+            // temporary directory) would not hold for the path recreated around it.
+            cmd.env("BOXLET_VMM_KERNEL_IMAGE", image);
+        }
         let mut cmd = launch
-            .wrap(self.jail(&spec).await?, cmd)
+            .wrap(jail, cmd)
             .map_err(|e| start(format!("preparing its jail: {e}")))?;
         cmd.stdout(Stdio::piped()).stderr(err);
         let mut child = cmd.spawn().map_err(|e| start(e.to_string()))?;

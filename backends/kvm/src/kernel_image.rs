@@ -68,6 +68,14 @@ pub fn cached(kernel: &Path, load_from: u64) -> Result<Image, String> {
     )
         .hash(&mut h);
     let key = format!("{:016x}", h.finish());
+    // The image the backend prepared and gave a jailed VMM, when it is this kernel's.
+    if let Some(given) = std::env::var_os("BOXLET_VMM_KERNEL_IMAGE").map(PathBuf::from) {
+        if given.file_name() == Some(std::ffi::OsStr::new(&format!("{key}.img"))) {
+            if let Some(image) = open(&given, &given.with_extension("info")) {
+                return Ok(image);
+            }
+        }
+    }
     // Each place: its directory, the image and the info file.
     let places: Vec<(PathBuf, PathBuf, PathBuf)> = [cache_dir(), private_temp_dir()]
         .into_iter()
@@ -101,11 +109,27 @@ pub fn cached(kernel: &Path, load_from: u64) -> Result<Image, String> {
     Err(why)
 }
 
+/// `$XDG_CACHE_HOME/boxlet/kernel-images` (else under `~/.cache`), when the cache
+/// directory is this user's and nobody else may write it: a root boxlet run with another
+/// user's `HOME` (sudo keeps it) must not build guest code where that user can swap it.
 fn cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
-    Some(base.join("boxlet/kernel-images"))
+    let ours = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        std::fs::symlink_metadata(p)
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o022 == 0)
+    };
+    let dir = base.join("boxlet/kernel-images");
+    let boxlet = base.join("boxlet");
+    // Missing parts are made by us; existing ones must be ours.
+    let trusted = [&base, &boxlet, &dir]
+        .into_iter()
+        .all(|p| !p.exists() || ours(p));
+    trusted.then_some(dir)
 }
 
 /// `$TMPDIR/boxlet-UID-kernel-images`, made mode 0700 if missing, and trusted only when

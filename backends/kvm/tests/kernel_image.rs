@@ -92,6 +92,27 @@ fn the_mapped_image_is_the_copied_kernel_and_guest_writes_stay_private() {
         "{}: only its owner may write there",
         private.display()
     );
+    // A cache directory others may write (or another user's, as sudo keeps HOME) is not
+    // trusted with guest code: the private temporary directory takes the image.
+    let shared = dir.path().join("shared-cache");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::env::set_var("XDG_CACHE_HOME", &shared);
+    let fourth = dir.path().join("vmlinux-4");
+    std::fs::copy(&kernel, &fourth).unwrap();
+    let image4 = kernel_image::cached(&fourth, LOAD_FROM).unwrap();
+    assert!(
+        !shared.join("boxlet").exists(),
+        "nothing built where others may write"
+    );
+    // A jailed VMM is told its image outright, and takes it over any cache.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::env::set_var("TMPDIR", elsewhere.path());
+    std::env::set_var("BOXLET_VMM_KERNEL_IMAGE", &image4.paths[0]);
+    let given = kernel_image::cached(&fourth, LOAD_FROM).unwrap();
+    assert_eq!(given.paths[0], image4.paths[0]);
+    std::env::remove_var("BOXLET_VMM_KERNEL_IMAGE");
+    std::env::set_var("TMPDIR", tmp.path());
     std::env::set_var("XDG_CACHE_HOME", cache.path());
 
     // Not a kernel: an error naming what is wrong, and nothing cached.

@@ -251,6 +251,14 @@ impl Jailer {
             .arg(&file)
             .arg(&program)
             .args(cmd.as_std().get_args());
+        // What the command set in its environment reaches the program (the jail passes
+        // its own environment on).
+        for (key, value) in cmd.as_std().get_envs() {
+            match value {
+                Some(v) => jailed.env(key, v),
+                None => jailed.env_remove(key),
+            };
+        }
         Ok(jailed)
     }
 }

@@ -200,3 +200,20 @@ fn a_daemon_filter_lets_a_program_start_and_kills_it_at_a_forbidden_call() {
     );
     assert!(killed.stdout.is_empty(), "{killed:?}");
 }
+
+#[test]
+fn a_wrapped_command_keeps_the_environment_it_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let jailer = boxlet::jail::Jailer::Helper(env!("CARGO_BIN_EXE_boxlet-jail").into());
+    let mut cmd = tokio::process::Command::new("/bin/true");
+    cmd.env("BOXLET_VMM_KERNEL_IMAGE", "/cache/k.img")
+        .env_remove("HOME");
+    let spec = JailSpec::new(dir.path().join("root"), system_binds());
+    let wrapped = jailer.wrap(spec, cmd).unwrap();
+    let envs: Vec<_> = wrapped.as_std().get_envs().collect();
+    assert!(envs.contains(&(
+        std::ffi::OsStr::new("BOXLET_VMM_KERNEL_IMAGE"),
+        Some(std::ffi::OsStr::new("/cache/k.img"))
+    )));
+    assert!(envs.contains(&(std::ffi::OsStr::new("HOME"), None)));
+}

@@ -593,9 +593,11 @@ pub async fn a_guest_kernel_panic_is_an_error_not_a_hang(hv: &dyn Hypervisor) {
     }
 }
 
-/// The VMM process (`vmm`, its program name) killed from outside: the running exec
-/// fails, the VM reports the signal, nothing is left behind.
-pub async fn a_killed_vmm_is_an_error_not_a_hang(hv: &dyn Hypervisor, vmm: &str) {
+/// A booted box on a read-only base disk: its scratch directory, the VM, its run
+/// directory and that directory's name (which the VM's processes' command lines hold).
+async fn read_only_box(
+    hv: &dyn Hypervisor,
+) -> (tempfile::TempDir, boxlet::RunningVm, PathBuf, String) {
     let dir = tempfile::tempdir().unwrap();
     let base = base_disk(dir.path(), true);
     let vm = boot(
@@ -609,6 +611,13 @@ pub async fn a_killed_vmm_is_an_error_not_a_hang(hv: &dyn Hypervisor, vmm: &str)
     .unwrap();
     let run_dir = vm.run_dir().to_path_buf();
     let name = run_dir.file_name().unwrap().to_str().unwrap().to_owned();
+    (dir, vm, run_dir, name)
+}
+
+/// The VMM process (`vmm`, its program name) killed from outside: the running exec
+/// fails, the VM reports the signal, nothing is left behind.
+pub async fn a_killed_vmm_is_an_error_not_a_hang(hv: &dyn Hypervisor, vmm: &str) {
+    let (_dir, vm, run_dir, name) = read_only_box(hv).await;
     let mut s = vm.agent().exec(sh("sleep 1000")).await.unwrap();
     // Kill the VMM from outside.
     let st = Command::new("pkill")
@@ -641,19 +650,7 @@ pub async fn a_killed_vmm_is_an_error_not_a_hang(hv: &dyn Hypervisor, vmm: &str)
 /// at a forbidden call, lands. The jail tests show a filtered program's SIGSYS death
 /// reaching the jail's status.)
 pub async fn a_daemon_killed_by_its_filter_stops_the_vm(hv: &dyn Hypervisor, daemon: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let base = base_disk(dir.path(), true);
-    let vm = boot(
-        hv,
-        spec(Root::Disk {
-            path: base,
-            read_only: true,
-        }),
-    )
-    .await
-    .unwrap();
-    let run_dir = vm.run_dir().to_path_buf();
-    let name = run_dir.file_name().unwrap().to_str().unwrap().to_owned();
+    let (_dir, vm, run_dir, name) = read_only_box(hv).await;
     // The oldest match is the jail's outer process (or the daemon, unjailed).
     let st = Command::new("pkill")
         .args(["-SYS", "-o", "-f", &format!("{daemon}.*{name}")])
