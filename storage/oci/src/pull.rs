@@ -123,21 +123,37 @@ pub async fn pull(
             "credentials over plain HTTP could be read by anyone on the way              (allow it with --credentials-over-http)",
         ));
     }
-    if matches!(opts.credentials, Credentials::Basic { .. }) && !opts.credentials_to_any_realm {
-        if let Some(realm) = http.bearer_realm().await? {
-            if !http.realm_is_the_registrys(&realm) {
-                return Err(refused(&format!(
-                    "the registry sends credentials to {realm}, not to its own scheme and                      host (allow it with --credentials-to-any-realm)"
-                )));
-            }
-        }
-    }
+    // The token exchange is boxlet's own, on the one challenge it checked: a password
+    // goes only to a realm on the registry's scheme and host (unless asked), and the
+    // answer is read with a cap. oci-client is then handed the token.
     let auth = match &opts.credentials {
-        Credentials::Anonymous => RegistryAuth::Anonymous,
-        Credentials::Basic { user, password } => {
-            RegistryAuth::Basic(user.clone(), password.clone())
-        }
         Credentials::Bearer(token) => RegistryAuth::Bearer(token.clone()),
+        creds => match http.bearer_challenge().await? {
+            Some(challenge) => {
+                let basic = match creds {
+                    Credentials::Basic { user, password } => {
+                        if !opts.credentials_to_any_realm
+                            && !http.realm_is_the_registrys(&challenge.realm)
+                        {
+                            return Err(refused(&format!(
+                                "the registry sends credentials to {}, not to its own scheme \
+                                 and host (allow it with --credentials-to-any-realm)",
+                                challenge.realm
+                            )));
+                        }
+                        Auth::Basic(user.clone(), password.clone())
+                    }
+                    _ => Auth::None,
+                };
+                RegistryAuth::Bearer(http.token(&challenge, &parsed, &basic).await?)
+            }
+            None => match creds {
+                Credentials::Basic { user, password } => {
+                    RegistryAuth::Basic(user.clone(), password.clone())
+                }
+                _ => RegistryAuth::Anonymous,
+            },
+        },
     };
     let puller = Puller {
         store,
