@@ -361,11 +361,15 @@ pub fn init() -> Result<(), VmmError> {
 }
 
 /// Put the calling thread under `role`'s filter, if [`init`] ran and filters are on
-/// (device models used outside the VMM, as in unit tests, run unfiltered).
-pub fn enter(role: Role) -> Result<(), VmmError> {
-    match FILTERS.get() {
-        Some(Some(f)) => install(role, f.of(role)),
-        _ => Ok(()),
+/// (device models used outside the VMM, as in unit tests, run unfiltered). A filter
+/// that cannot be installed ends the VMM: no thread serves a guest unfiltered, and the
+/// others wait for this one before they start.
+pub fn enter(role: Role) {
+    if let Some(Some(f)) = FILTERS.get() {
+        if let Err(e) = install(role, f.of(role)) {
+            eprintln!("boxlet-vmm: {e}");
+            std::process::exit(1);
+        }
     }
 }
 

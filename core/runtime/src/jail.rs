@@ -382,13 +382,7 @@ mod linux {
         CHILD.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
         // Ending as a child that died of SIGSYS, SIGSEGV or SIGABRT did must not leave a
         // core of this process behind.
-        let _ = rustix::process::setrlimit(
-            rustix::process::Resource::Core,
-            rustix::process::Rlimit {
-                current: Some(0),
-                maximum: Some(0),
-            },
-        );
+        let _ = no_core_dumps();
         let action = SigAction::new(
             SigHandler::Handler(forward),
             SaFlags::SA_RESTART,
@@ -571,7 +565,9 @@ mod linux {
     }
 
     /// Capabilities down to `keep_caps`, no new privileges, no core dumps.
-    fn confine(spec: &JailSpec) -> io::Result<()> {
+    /// A core limit of zero, soft and hard: nothing of the process's memory (a VM's
+    /// guest RAM, or what a compromised program holds) ever lands in a core file.
+    fn no_core_dumps() -> io::Result<()> {
         rustix::process::setrlimit(
             rustix::process::Resource::Core,
             rustix::process::Rlimit {
@@ -579,6 +575,11 @@ mod linux {
                 maximum: Some(0),
             },
         )?;
+        Ok(())
+    }
+
+    fn confine(spec: &JailSpec) -> io::Result<()> {
+        no_core_dumps()?;
         for cap in 0..64u8 {
             if spec.keep_caps.contains(&cap) {
                 continue;

@@ -482,6 +482,18 @@ async fn copy_out_error(reply: Vec<u8>, opts: &boxlet::CopyOutOptions, host: &Pa
         .to_string()
 }
 
+/// A lone tar header for `path` of `kind` declaring `size` bytes (mode 0644), with no
+/// data after it: what a guest sends to claim more than it holds.
+fn header(path: &str, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(path).unwrap();
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_size(size);
+    h.set_cksum();
+    h
+}
+
 /// A tar of hostile entries under `data/`.
 fn hostile_tree() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -549,12 +561,7 @@ async fn copy_out_makes_only_files_and_directories_without_set_id_bits() {
 async fn copy_out_is_bounded_in_bytes_entries_time_and_refuses_a_top_level_link() {
     let host = tempfile::tempdir().unwrap();
     // A 10 GiB file declared: refused at its header, nothing written.
-    let mut h = tar::Header::new_gnu();
-    h.set_path("data").unwrap();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(10 << 30);
-    h.set_cksum();
+    let h = header("data", tar::EntryType::Regular, 10 << 30);
     let e = copy_out_error(
         copy_reply(h.as_bytes(), true),
         &Default::default(),
@@ -605,12 +612,7 @@ async fn copy_out_cannot_be_fooled_by_pax_sizes_long_records_or_chained_links() 
     let mut b = tar::Builder::new(Vec::new());
     b.append_pax_extensions([("size", &b"10737418240"[..])])
         .unwrap();
-    let mut h = tar::Header::new_gnu();
-    h.set_path("data").unwrap();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(0);
-    h.set_cksum();
+    let h = header("data", tar::EntryType::Regular, 0);
     b.append(&h, &[][..]).unwrap();
     let host = tempfile::tempdir().unwrap();
     let e = copy_out_error(
@@ -621,11 +623,7 @@ async fn copy_out_cannot_be_fooled_by_pax_sizes_long_records_or_chained_links() 
     .await;
     assert!(e.contains("more than 4294967296 bytes"), "{e}");
     // A GNU long name claiming 1 GiB: refused at its header, never buffered.
-    let mut h = tar::Header::new_gnu();
-    h.set_path("././@LongLink").unwrap();
-    h.set_entry_type(tar::EntryType::GNULongName);
-    h.set_size(1 << 30);
-    h.set_cksum();
+    let h = header("././@LongLink", tar::EntryType::GNULongName, 1 << 30);
     let e = copy_out_error(
         copy_reply(h.as_bytes(), true),
         &Default::default(),

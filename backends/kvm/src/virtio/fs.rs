@@ -213,10 +213,7 @@ impl Watchdog {
         std::thread::Builder::new()
             .name("vhost-watchdog".into())
             .spawn(move || {
-                if let Err(e) = crate::seccomp::enter(crate::seccomp::Role::Watchdog) {
-                    eprintln!("boxlet-vmm: {e}");
-                    std::process::exit(1);
-                }
+                crate::seccomp::enter(crate::seccomp::Role::Watchdog);
                 let (lock, cv) = &*shared;
                 let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
                 while !w.closed {
