@@ -80,8 +80,13 @@ impl KvmBackend {
     /// cached image, read-only. The image is built here, outside the jail, so a VMM can
     /// never write an image another VM maps; if it cannot be built the VMM copies the
     /// kernel instead. Returns the spec and the image's path, when there is one.
-    async fn jail(&self, spec: &VmSpec) -> Result<(JailSpec, Option<PathBuf>), HypervisorError> {
+    async fn jail(
+        &self,
+        spec: &VmSpec,
+        spec_path: &Path,
+    ) -> Result<(JailSpec, Option<PathBuf>), HypervisorError> {
         let mut binds = system_binds();
+        binds.push(Bind::ro(spec_path));
         binds.extend(vm_binds(spec).map_err(|e| HypervisorError::Start {
             backend: NAME,
             what: "boxlet-vmm".into(),
@@ -138,7 +143,10 @@ impl Hypervisor for KvmBackend {
             .map_err(|e| start(format!("{}: {e}", spec.console_log.display())))?;
         let mut cmd = owned(&self.vmm);
         cmd.arg(&spec_path);
-        let (jail, image) = self.jail(&spec).await?;
+        let (mut jail, image) = self.jail(&spec, &spec_path).await?;
+        // Root's ids (no capability but switching) until it has opened its files and
+        // connected its sockets, then the VM's (`boxlet::jail::switch_to_vm_identity`).
+        jail.run_as = launch.run_as(true);
         if let Some(image) = image {
             // Named outright: inside the jail the cache's own directory checks (a private
             // temporary directory) would not hold for the path recreated around it.

@@ -256,12 +256,31 @@ pub struct Program {
     calls: BpfProgram,
 }
 
-/// The compiled filters of `role`.
-pub fn filter(role: Role) -> Result<Program, VmmError> {
+/// The switch to the VM's identity `id` ([`boxlet::jail::switch_to_vm_identity`]),
+/// exactly: glibc makes each call in every thread, so a thread filtered before the VMM
+/// switches (a vhost-user watchdog, started while devices are set up) must let these
+/// through. Once switched they change nothing (and without capabilities could not).
+fn identity_switch(rules: &mut Rules, id: u32) {
+    let id = u64::from(id);
+    one_of(rules, libc::SYS_setgroups, 0, &[1]);
+    for nr in [libc::SYS_setresgid, libc::SYS_setresuid] {
+        rules
+            .entry(nr)
+            .or_default()
+            .push(rule((0..3).map(|arg| cond(arg, Op::Eq, id)).collect()));
+    }
+}
+
+/// The compiled filters of `role` (`switch_to`: the identity the VMM switches to once
+/// set up, which a watchdog thread, filtered before that, must go along with).
+pub fn filter(role: Role, switch_to: Option<u32>) -> Result<Program, VmmError> {
     let err = |e: seccompiler::BackendError| {
         VmmError::Device(format!("seccomp filter for {}: {e}", role.name()))
     };
     let mut allowed = rules(role);
+    if let (Role::Watchdog, Some(id)) = (role, switch_to) {
+        identity_switch(&mut allowed, id);
+    }
     let mut paths = Rules::new();
     for nr in PATH_CALLS {
         any(&mut allowed, nr);
@@ -324,11 +343,14 @@ pub struct Filters {
 impl Filters {
     /// Every role's filter.
     pub fn new() -> Result<Self, VmmError> {
+        let switch_to = boxlet::jail::vm_identity_from_env()
+            .map_err(|e| VmmError::Device(e.to_string()))?
+            .map(|who| who.id);
         Ok(Self {
-            main: filter(Role::Main)?,
-            vcpu: filter(Role::Vcpu)?,
-            device: filter(Role::Device)?,
-            watchdog: filter(Role::Watchdog)?,
+            main: filter(Role::Main, None)?,
+            vcpu: filter(Role::Vcpu, None)?,
+            device: filter(Role::Device, None)?,
+            watchdog: filter(Role::Watchdog, switch_to)?,
         })
     }
 
@@ -458,7 +480,7 @@ mod tests {
     #[test]
     fn every_role_compiles() {
         for role in [Role::Main, Role::Vcpu, Role::Device, Role::Watchdog] {
-            let prog = filter(role).unwrap();
+            let prog = filter(role, None).unwrap();
             assert!(!prog.opens.is_empty() && !prog.calls.is_empty(), "{role:?}");
         }
     }
@@ -503,9 +525,14 @@ mod tests {
     /// `role`'s filter, make the call `call` does, and return the exit status and what
     /// the child wrote to stderr.
     fn in_child(role: Role, call: fn()) -> (i32, String) {
+        in_child_switching(role, None, call)
+    }
+
+    /// [`in_child`], the filter allowing the switch to `switch_to`.
+    fn in_child_switching(role: Role, switch_to: Option<u32>, call: fn()) -> (i32, String) {
         use std::io::Read;
         use std::os::fd::{AsRawFd, FromRawFd};
-        let prog = filter(role).unwrap();
+        let prog = filter(role, switch_to).unwrap();
         let mut fds = [0; 2];
         // SAFETY: pipe fills the two-int array it is given.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
@@ -550,6 +577,42 @@ mod tests {
             text.contains("the vcpu thread made system call 101,"),
             "{text}"
         );
+    }
+
+    const VM_ID: u32 = boxlet::jail::VM_IDS.0 + 77;
+
+    #[test]
+    fn a_watchdog_goes_along_with_the_switch_to_the_vms_identity_and_nothing_else() {
+        // SAFETY: plain calls with integer arguments and a one-element list; _exit has
+        // no preconditions.
+        let to_vm = || unsafe {
+            let g = VM_ID;
+            libc::syscall(libc::SYS_setgroups, 1, &g as *const u32);
+            libc::syscall(libc::SYS_setresgid, VM_ID, VM_ID, VM_ID);
+            let r = libc::syscall(libc::SYS_setresuid, VM_ID, VM_ID, VM_ID);
+            libc::_exit(if r == 0 { 0 } else { 1 });
+        };
+        // SAFETY: integer arguments only.
+        let to_root = || unsafe {
+            libc::syscall(libc::SYS_setresuid, 0, 0, 0);
+        };
+        // SAFETY: integer arguments only.
+        let to_other = || unsafe {
+            libc::syscall(libc::SYS_setresuid, VM_ID + 1, VM_ID + 1, VM_ID + 1);
+        };
+        let root = nix::unistd::geteuid().is_root();
+        let (code, text) = in_child_switching(Role::Watchdog, Some(VM_ID), to_vm);
+        // (Without root the calls are allowed by the filter and refused by the kernel.)
+        assert_eq!(code, if root { 0 } else { 1 }, "{text}");
+        for call in [to_root, to_other] {
+            let (code, text) = in_child_switching(Role::Watchdog, Some(VM_ID), call);
+            assert_eq!(code, EXIT_FORBIDDEN_SYSCALL, "{text}");
+        }
+        // Other threads, and a watchdog when there is no switch, may not change ids.
+        for (role, to) in [(Role::Watchdog, None), (Role::Device, Some(VM_ID))] {
+            let (code, text) = in_child_switching(role, to, to_vm);
+            assert_eq!(code, EXIT_FORBIDDEN_SYSCALL, "{role:?}: {text}");
+        }
     }
 
     #[test]

@@ -787,11 +787,15 @@ pub fn run(spec: &VmSpec) -> Result<(), VmmError> {
     // Every thread filters itself before it serves the guest (see `crate::seccomp`).
     seccomp::init()?;
     let mut machine = build(spec, &spec.cmdline)?;
+    // Everything is open: from here on the VM's own unprivileged ids, when jailed so
+    // (still one thread: the switch covers the whole process).
+    boxlet::jail::switch_to_vm_identity()
+        .map_err(|e| VmmError::Device(format!("switching to the VM's identity: {e}")))?;
     // SIGUSR1 asks every vCPU to print its registers (for a guest that seems stuck);
     // a real-time signal kicks the vCPU threads out of KVM_RUN to do it.
     let _ = register_signal_handler(libc::SIGUSR1, on_dump_request);
-    // In its jail the VMM is PID 1 of its PID namespace, which the kernel shields from
-    // signals it has no handler for: end on these explicitly.
+    // End on these explicitly, the same way whether run jailed (where the jail's init
+    // forwards them) or not.
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         let _ = register_signal_handler(sig, on_terminate);
     }

@@ -25,7 +25,7 @@ async fn a_forbidden_system_call_in_any_thread_stops_the_vm_and_is_reported() {
         // A device (and so a device thread) to misbehave in.
         s.vsock = Some(VsockSpec {
             cid: 3,
-            uds_path: dir.path().join("vsock.sock"),
+            uds_path: boxlet::process::vm_dir(dir.path()).join("vsock.sock"),
         });
         let mut vm = hv.create(s).await.unwrap();
         let exit = tokio::time::timeout(Duration::from_secs(60), vm.wait())

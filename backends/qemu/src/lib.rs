@@ -21,10 +21,10 @@ use boxlet::hypervisor::{
     AccelPolicy, Acceleration, Capabilities, DiskFormat, Hypervisor, HypervisorError, Vm, VmExit,
     VmSpec,
 };
-use boxlet::jail::{system_binds, vm_binds, Bind, JailSpec, Jailer};
+use boxlet::jail::{system_binds, vm_binds, Bind, Identity, JailSpec, Jailer};
 use boxlet::process::{
     classify, daemon_violation, find_program, forbidden_call_in, owned, start_daemon,
-    start_virtiofsds, wait_or_stop, MonitoredVm, VmLaunch,
+    start_virtiofsds, vm_dir, wait_or_stop, MonitoredVm, VmLaunch,
 };
 use tokio::process::Child;
 
@@ -135,7 +135,13 @@ impl Qemu {
     }
 
     /// The QEMU command line for `spec` (vhost-user sockets at the given paths).
-    fn args(&self, spec: &VmSpec, vsock_sock: Option<&Path>, fs_socks: &[PathBuf]) -> Vec<String> {
+    fn args(
+        &self,
+        spec: &VmSpec,
+        vsock_sock: Option<&Path>,
+        fs_socks: &[PathBuf],
+        identity: Option<Identity>,
+    ) -> Vec<String> {
         let mem = format!("{}M", spec.memory_mib);
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|s| s.to_string()));
@@ -155,10 +161,16 @@ impl Qemu {
             "-display",
             "none",
             "-no-reboot",
-            // QEMU's own seccomp filter: no obsolete syscalls, no privilege changes, no
-            // new processes, no scheduler or resource changes.
+            // QEMU's own seccomp filter: no obsolete syscalls, no new processes, no
+            // scheduler or resource changes; no privilege changes, unless it is to
+            // switch to the VM's identity below (its filter comes first, and after the
+            // switch there is no privilege left to change to).
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            if identity.is_some() {
+                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+            } else {
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            },
             // The console comes out of QEMU's stdout, which the monitor writes to the
             // console log up to a limit (a guest cannot fill the host's disk).
             "-serial",
@@ -168,6 +180,11 @@ impl Qemu {
             "-append",
             &spec.cmdline,
         ]);
+        if let Some(who) = identity {
+            // The VM's own ids once QEMU has opened its disks, kernel and sockets, and
+            // before the guest runs.
+            push(&["-runas", &who.uid_gid()]);
+        }
         match self.accel {
             Acceleration::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             _ => push(&["-accel", "tcg", "-cpu", "max"]),
@@ -255,7 +272,7 @@ impl Hypervisor for Qemu {
                     program: "vhost-device-vsock".into(),
                     hint: "cargo install vhost-device-vsock --version 0.3.0 --locked".into(),
                 })?;
-            let sock = spec.run_dir.join("vhost-vsock.sock");
+            let sock = vm_dir(&spec.run_dir).join("vhost-vsock.sock");
             let mut cmd = owned(prog);
             cmd.arg("--vm").arg(format!(
                 "guest-cid={},socket={},uds-path={}",
@@ -264,8 +281,10 @@ impl Hypervisor for Qemu {
                 v.uds_path.display()
             ));
             let mut binds = system_binds();
-            binds.push(Bind::rw(&spec.run_dir));
+            binds.push(Bind::rw(vm_dir(&spec.run_dir)));
             let mut jail = JailSpec::new(spec.run_dir.join("jail-vsock"), binds);
+            // It needs no privilege at all: the VM's identity from the start.
+            jail.run_as = launch.run_as(false);
             // It has no seccomp filter of its own: boxlet's (x86-64 so far).
             if cfg!(target_arch = "x86_64") {
                 jail.seccomp = Some(boxlet::jail::SeccompProfile::VhostDeviceVsock);
@@ -290,13 +309,14 @@ impl Hypervisor for Qemu {
             fs_socks.push(sock);
         }
         let mut cmd = owned(&self.qemu);
-        cmd.args(self.args(&spec, vsock_sock.as_deref(), &fs_socks));
+        cmd.args(self.args(&spec, vsock_sock.as_deref(), &fs_socks, launch.identity()));
         let mut binds = system_binds();
         binds.extend(vm_binds(&spec).map_err(|e| start_err("qemu", e))?);
         if self.accel == Acceleration::Kvm {
             binds.push(Bind::dev("/dev/kvm"));
         }
-        let jail = JailSpec::new(spec.run_dir.join("jail-qemu"), binds);
+        let mut jail = JailSpec::new(spec.run_dir.join("jail-qemu"), binds);
+        jail.run_as = launch.run_as(true);
         let mut cmd = launch.wrap(jail, cmd).map_err(|e| start_err("qemu", e))?;
         let stderr_log = spec.run_dir.join("qemu.stderr");
         let err = std::fs::File::create(&stderr_log).map_err(|e| start_err("qemu", e))?;
@@ -447,6 +467,7 @@ mod tests {
                 &spec,
                 Some(Path::new("/run/vv.sock")),
                 &["/run/fs0.sock".into()],
+                None,
             )
             .join(" ");
         assert!(
@@ -477,5 +498,13 @@ mod tests {
             a.contains("-serial stdio") && a.contains("-display none"),
             "{a}"
         );
+        assert!(!a.contains("-runas"), "{a}");
+        // Given the VM's identity, QEMU switches to it, which its filter must allow.
+        let who = Identity {
+            id: boxlet::jail::VM_IDS.0 + 7,
+        };
+        let a = q.args(&spec, None, &[], Some(who)).join(" ");
+        assert!(a.contains(&format!("-runas {}", who.uid_gid())), "{a}");
+        assert!(a.contains("elevateprivileges=allow"), "{a}");
     }
 }

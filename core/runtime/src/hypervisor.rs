@@ -90,7 +90,9 @@ pub enum ShareIds {
 pub struct VsockSpec {
     /// The guest's context id (3 or more).
     pub cid: u32,
-    /// The host-side Unix socket path.
+    /// The host-side Unix socket path: in the VM's
+    /// [`vm_dir`](crate::process::vm_dir), where the VM's processes may make it and
+    /// the host's `<uds_path>_P` listeners are theirs to connect to.
     pub uds_path: PathBuf,
 }
 
@@ -117,8 +119,9 @@ pub struct VmSpec {
     pub vsock: Option<VsockSpec>,
     /// Where the guest's serial console goes.
     pub console_log: PathBuf,
-    /// A private directory the backend may use for its sockets; it removes what it
-    /// creates there when the VM ends.
+    /// A private directory the backend may use (root's, or the caller's); the VM's own
+    /// processes are given only its [`vm_dir`](crate::process::vm_dir). The backend
+    /// removes what it creates there when the VM ends.
     pub run_dir: PathBuf,
     /// Host resources its processes may use (cgroup v2; defaults from its size).
     #[serde(default)]

@@ -80,6 +80,212 @@ pub struct JailSpec {
     /// ([`crate::daemon_filter`]), installed last, before the program runs.
     #[serde(default)]
     pub seccomp: Option<SeccompProfile>,
+    /// Whose ids the program runs with ([`RunAs`]).
+    #[serde(default)]
+    pub run_as: RunAs,
+}
+
+/// A VM's own unprivileged user and group id, the same number ([`IdentityLease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The user id (and group id).
+    pub id: u32,
+}
+
+impl Identity {
+    /// `uid:gid`, as QEMU's `-runas` and [`RUN_AS_VAR`] take it.
+    pub fn uid_gid(&self) -> String {
+        format!("{}:{}", self.id, self.id)
+    }
+}
+
+/// Whose ids a jailed program runs with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunAs {
+    /// Root's, with only [`JailSpec::keep_caps`] (a daemon that serves files as their
+    /// owners: `virtiofsd`).
+    #[default]
+    Root,
+    /// The VM's: the jail switches before it runs the program, which starts with no
+    /// capability at all (`vhost-device-vsock`).
+    Vm(Identity),
+    /// The VM's, switched to by the program itself once it has opened its files and
+    /// before it runs any guest code (QEMU's `-runas`, boxlet-vmm's
+    /// [`switch_to_vm_identity`]): it starts as root with the VM's group and only
+    /// CAP_SETUID and CAP_SETGID (and its `keep_caps`), which the switch loses.
+    VmAfterSetup(Identity),
+}
+
+/// Where a program told to switch itself ([`RunAs::VmAfterSetup`]) finds its identity:
+/// `uid:gid`.
+pub const RUN_AS_VAR: &str = "BOXLET_RUN_AS";
+
+/// The ids VMs run as: `VM_IDS.0 + slot` for 65536 slots, a block no distribution hands
+/// out (below systemd's container ranges' top, beside the image caches' shifted ids at
+/// 0x6F000000).
+pub const VM_IDS: (u32, u32) = (0x6E00_0000, 65536);
+
+/// One VM's [`Identity`], its slot locked (`flock`) in a directory only root may write
+/// (`/run/boxlet/ids`, or `$BOXLET_IDS_DIR`) for as long as this lives: no two running
+/// VMs on the host share ids, whichever boxlet process or home started them, and a
+/// crashed boxlet's slots free themselves.
+#[derive(Debug)]
+pub struct IdentityLease {
+    identity: Identity,
+    _lock: std::fs::File,
+}
+
+impl IdentityLease {
+    /// A free identity, from the host's lease directory.
+    pub fn take() -> io::Result<Self> {
+        let dir = std::env::var_os("BOXLET_IDS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/boxlet/ids"));
+        Self::take_in(&dir)
+    }
+
+    /// A free identity, leased in `dir` (made private if it is missing; refused if
+    /// another user owns it or others may write it).
+    pub fn take_in(dir: &Path) -> io::Result<Self> {
+        boxlet_cas::private_dir(dir).map_err(io::Error::other)?;
+        // Start somewhere different each time, so concurrent starts rarely contend.
+        let start = std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        for i in 0..VM_IDS.1 {
+            let slot = start.wrapping_add(i) % VM_IDS.1;
+            let path = dir.join(slot.to_string());
+            let file = rustix::fs::open(
+                &path,
+                rustix::fs::OFlags::CREATE
+                    | rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::from_raw_mode(0o600),
+            )
+            .map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {
+                    return Ok(Self {
+                        identity: Identity {
+                            id: VM_IDS.0 + slot,
+                        },
+                        _lock: file.into(),
+                    })
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(io::Error::other(format!(
+            "{}: all {} VM identities are in use",
+            dir.display(),
+            VM_IDS.1
+        )))
+    }
+
+    /// The identity leased.
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+}
+
+/// Give `dir` (made if missing: the directory a VM's processes write their sockets in)
+/// and everything directly in it to `who`, mode 0770: the VM's processes, the ones that
+/// switch late included (they carry the VM's group), may use it; nobody else. Nothing is
+/// followed: a symbolic link in it changes owner itself.
+pub fn hand_over(dir: &Path, who: Identity) -> io::Result<()> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let ctx = |e: rustix::io::Errno| {
+        io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", dir.display()))
+    };
+    match std::fs::DirBuilder::new().create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+    }
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(ctx)?;
+    let (uid, gid) = (
+        rustix::fs::Uid::from_raw(who.id),
+        rustix::fs::Gid::from_raw(who.id),
+    );
+    rustix::fs::fchown(&fd, Some(uid), Some(gid)).map_err(ctx)?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o770)).map_err(ctx)?;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        rustix::fs::chownat(&fd, &name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(ctx)?;
+    }
+    Ok(())
+}
+
+/// The identity a program started with [`RunAs::VmAfterSetup`] is to switch to (its
+/// [`RUN_AS_VAR`]); `Ok(None)` when the variable is unset.
+pub fn vm_identity_from_env() -> io::Result<Option<Identity>> {
+    let Some(value) = std::env::var_os(RUN_AS_VAR) else {
+        return Ok(None);
+    };
+    let bad = || {
+        io::Error::other(format!(
+            "{RUN_AS_VAR}={value:?}: not uid:gid of a VM identity"
+        ))
+    };
+    let text = value.to_str().ok_or_else(bad)?;
+    let (u, g) = text.split_once(':').ok_or_else(bad)?;
+    let (uid, gid): (u32, u32) = (u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?);
+    if uid != gid || !(VM_IDS.0..VM_IDS.0 + VM_IDS.1).contains(&uid) {
+        return Err(bad());
+    }
+    Ok(Some(Identity { id: uid }))
+}
+
+/// In a program started with [`RunAs::VmAfterSetup`] (its [`RUN_AS_VAR`] set), once
+/// it has opened what it needs and before it serves the guest: become the VM's user
+/// (every capability lost with root's ids), checked. The calls are process-wide (every
+/// thread switches; a thread already under a seccomp filter must allow exactly these:
+/// `setgroups` of one group, `setresgid` and `setresuid` to the identity). Nothing to
+/// do, `Ok(None)`, when the variable is unset.
+#[cfg(target_os = "linux")]
+pub fn switch_to_vm_identity() -> io::Result<Option<Identity>> {
+    let Some(who) = vm_identity_from_env()? else {
+        return Ok(None);
+    };
+    use nix::unistd::{Gid, Uid};
+    let (uid, gid) = (Uid::from_raw(who.id), Gid::from_raw(who.id));
+    nix::unistd::setgroups(&[gid])?;
+    nix::unistd::setresgid(gid, gid, gid)?;
+    nix::unistd::setresuid(uid, uid, uid)?;
+    check_unprivileged(who.id)?;
+    Ok(Some(who))
+}
+
+/// The process runs as `uid` in every id and holds no capability.
+#[cfg(target_os = "linux")]
+fn check_unprivileged(uid: u32) -> io::Result<()> {
+    let ids = nix::unistd::getresuid()?;
+    let caps = rustix::thread::capabilities(None)?;
+    if [ids.real, ids.effective, ids.saved]
+        .iter()
+        .any(|u| u.as_raw() != uid)
+        || !caps.effective.is_empty()
+        || !caps.permitted.is_empty()
+    {
+        return Err(io::Error::other(format!(
+            "switching to the VM's identity {uid} left ids {ids:?}, capabilities {caps:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// A daemon's seccomp filter ([`crate::daemon_filter`]; x86-64 only so far: elsewhere a
@@ -100,6 +306,7 @@ impl JailSpec {
             keep_caps: Vec::new(),
             cgroup: None,
             seccomp: None,
+            run_as: RunAs::Root,
         }
     }
 }
@@ -129,10 +336,14 @@ pub fn system_binds() -> Vec<Bind> {
     b
 }
 
-/// What a VMM needs of `spec`: its run directory (sockets, logs), the kernel and initrd,
-/// and every disk with its whole qcow2 backing chain (read-only below the top).
+/// What a VMM needs of `spec`: the directory of its sockets
+/// ([`crate::process::vm_dir`]), the kernel and initrd, and every disk with its whole
+/// qcow2 backing chain (read-only below the top).
 pub fn vm_binds(spec: &crate::hypervisor::VmSpec) -> io::Result<Vec<Bind>> {
-    let mut b = vec![Bind::rw(&spec.run_dir), Bind::ro(&spec.kernel)];
+    let mut b = vec![
+        Bind::rw(crate::process::vm_dir(&spec.run_dir)),
+        Bind::ro(&spec.kernel),
+    ];
     b.extend(spec.initrd.iter().map(Bind::ro));
     for disk in &spec.disks {
         b.push(if disk.read_only {
@@ -259,6 +470,10 @@ impl Jailer {
                 None => jailed.env_remove(key),
             };
         }
+        match spec.run_as {
+            RunAs::VmAfterSetup(who) => jailed.env(RUN_AS_VAR, who.uid_gid()),
+            _ => jailed.env_remove(RUN_AS_VAR),
+        };
         Ok(jailed)
     }
 }
@@ -296,10 +511,16 @@ mod linux {
     use rustix::thread::{CapabilitySet, UnshareFlags};
 
     /// Step into the jail `spec` describes, in this (single-threaded) process: new
-    /// namespaces, then (in the child that is PID 1 of the new PID namespace) the new
-    /// root, the capabilities and the limits. Returns in that child, ready to exec; the
-    /// parent stays outside, forwards termination signals, and exits with the child's
-    /// status without returning.
+    /// namespaces; in the child that is PID 1 of the new PID namespace, the new root;
+    /// then in its child, the capabilities, ids and limits. Returns in that grandchild,
+    /// ready to exec. The two above it never return:
+    /// - the outer process stays outside, forwards termination signals, and ends as the
+    ///   program did (re-raising the signal that killed it);
+    /// - PID 1 keeps root's ids but drops every capability, forwards the signals on,
+    ///   reaps, and reports how the program ended. It is there because the program may
+    ///   change its ids (the VM's identity), which clears its parent-death signal: PID
+    ///   1's never is, and when PID 1 dies the kernel kills everything in the
+    ///   namespace, so nothing of a jail outlives its outer process, however it ends.
     pub fn enter(spec: &JailSpec) -> io::Result<()> {
         if let Some(cg) = &spec.cgroup {
             crate::cgroup::join(cg)?;
@@ -315,16 +536,19 @@ mod linux {
         // The parent holds the write end for its whole life: the child knows it is gone
         // when the pipe reads as ended.
         let (alive_r, alive_w) = io::pipe()?;
+        // PID 1 writes the signal that killed the program here (its own death by it
+        // could not be seen: PID 1 cannot raise a signal on itself).
+        let (died_r, died_w) = io::pipe()?;
         // SAFETY: boxlet-jail is single-threaded at this point (it has started no
         // threads), so the child may do anything the parent could.
         match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
             nix::unistd::ForkResult::Parent { child } => {
-                drop(alive_r);
+                drop((alive_r, died_w));
                 std::mem::forget(alive_w);
-                supervise(child)
+                supervise(child, died_r)
             }
             nix::unistd::ForkResult::Child => {
-                drop(alive_w);
+                drop((alive_w, died_r));
                 if let Some(ms) = std::env::var("BOXLET_JAIL_TEST_FORK_DELAY_MS")
                     .ok()
                     .and_then(|v| v.parse().ok())
@@ -344,7 +568,53 @@ mod linux {
                 }
                 drop(alive_r);
                 build_root(spec)?;
-                confine(spec)
+                // SAFETY: still single-threaded, as above.
+                match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+                    nix::unistd::ForkResult::Parent { child } => init(child, died_w),
+                    nix::unistd::ForkResult::Child => {
+                        drop(died_w);
+                        confine(spec)
+                    }
+                }
+            }
+        }
+    }
+
+    /// PID 1 of the jail: nothing of root's power kept, signals passed to the program,
+    /// orphans reaped; ends when the program does, with its exit status, or saying on
+    /// `died` which signal killed it.
+    fn init(program: nix::unistd::Pid, died: io::PipeWriter) -> ! {
+        let drop_everything = || -> io::Result<()> {
+            no_core_dumps()?;
+            drop_bounding_set_but(&[])?;
+            rustix::thread::set_capabilities(
+                None,
+                rustix::thread::CapabilitySets {
+                    effective: CapabilitySet::empty(),
+                    permitted: CapabilitySet::empty(),
+                    inheritable: CapabilitySet::empty(),
+                },
+            )?;
+            rustix::thread::set_no_new_privs(true)?;
+            Ok(())
+        };
+        if let Err(e) = drop_everything() {
+            eprintln!("boxlet-jail: the jail's init: {e}");
+            let _ = nix::sys::signal::kill(program, nix::sys::signal::Signal::SIGKILL);
+            std::process::exit(125);
+        }
+        forward_signals_to(program);
+        loop {
+            use nix::sys::wait::WaitStatus;
+            match nix::sys::wait::waitpid(None, None) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == program => std::process::exit(code),
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == program => {
+                    use std::io::Write;
+                    let _ = (&died).write_all(&[sig as u8]);
+                    std::process::exit(128 + sig as i32)
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => std::process::exit(125),
             }
         }
     }
@@ -375,14 +645,11 @@ mod linux {
         }
     }
 
-    /// Outside the namespaces: pass termination signals (and SIGUSR1, which asks a VMM
-    /// for its vCPUs' registers) on, and end as the child did.
-    fn supervise(child: nix::unistd::Pid) -> ! {
+    /// Pass termination signals (and SIGUSR1, which asks a VMM for its vCPUs'
+    /// registers) on to `child`.
+    fn forward_signals_to(child: nix::unistd::Pid) {
         use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
         CHILD.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
-        // Ending as a child that died of SIGSYS, SIGSEGV or SIGABRT did must not leave a
-        // core of this process behind.
-        let _ = no_core_dumps();
         let action = SigAction::new(
             SigHandler::Handler(forward),
             SaFlags::SA_RESTART,
@@ -397,16 +664,38 @@ mod linux {
             // SAFETY: the handler only calls kill, which is async-signal-safe.
             let _ = unsafe { sigaction(sig, &action) };
         }
+    }
+
+    /// Outside the namespaces: forward signals to the jail's init, and end as the
+    /// program did (`died` names the signal that killed it, if one did).
+    fn supervise(child: nix::unistd::Pid, died: io::PipeReader) -> ! {
+        use nix::sys::signal::{SigHandler, Signal};
+        // Ending as a child that died of SIGSYS, SIGSEGV or SIGABRT did must not leave a
+        // core of this process behind.
+        let _ = no_core_dumps();
+        forward_signals_to(child);
+        let end_by = |sig: Signal| -> ! {
+            // End the same way, so the runtime sees the signal.
+            // SAFETY: restoring the default disposition installs no handler.
+            let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
+            let _ = nix::sys::signal::raise(sig);
+            std::process::exit(128 + sig as i32)
+        };
         loop {
             match nix::sys::wait::waitpid(child, None) {
-                Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => std::process::exit(code),
-                Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
-                    // End the same way, so the runtime sees the signal.
-                    // SAFETY: restoring the default disposition installs no handler.
-                    let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
-                    let _ = nix::sys::signal::raise(sig);
-                    std::process::exit(128 + sig as i32)
+                Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                    use std::io::Read;
+                    let mut b = [0u8; 1];
+                    let told = match (&died).read(&mut b) {
+                        Ok(1) => Signal::try_from(i32::from(b[0])).ok(),
+                        _ => None,
+                    };
+                    match told {
+                        Some(sig) => end_by(sig),
+                        None => std::process::exit(code),
+                    }
                 }
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => end_by(sig),
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(_) => std::process::exit(125),
@@ -578,10 +867,11 @@ mod linux {
         Ok(())
     }
 
-    fn confine(spec: &JailSpec) -> io::Result<()> {
-        no_core_dumps()?;
+    /// Every capability but `keep` out of the bounding set (for good: nothing this
+    /// process or what it runs does can get them back).
+    fn drop_bounding_set_but(keep: &[u8]) -> io::Result<()> {
         for cap in 0..64u8 {
-            if spec.keep_caps.contains(&cap) {
+            if keep.contains(&cap) {
                 continue;
             }
             match rustix::thread::remove_capability_from_bounding_set(
@@ -592,12 +882,51 @@ mod linux {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(())
+    }
+
+    /// CAP_SETGID and CAP_SETUID: what a program that switches to the VM's identity
+    /// itself needs until it does.
+    const SWITCH_CAPS: [u8; 2] = [6, 7];
+
+    fn confine(spec: &JailSpec) -> io::Result<()> {
+        no_core_dumps()?;
+        let mut keep_caps = spec.keep_caps.clone();
+        match spec.run_as {
+            RunAs::Root => {}
+            RunAs::Vm(_) if !keep_caps.is_empty() => {
+                return Err(io::Error::other(
+                    "a program run as the VM's identity keeps no capability",
+                ))
+            }
+            RunAs::Vm(_) => {}
+            RunAs::VmAfterSetup(who) => {
+                keep_caps.extend(SWITCH_CAPS);
+                // Its group now, so what the VM's processes made (mode 0770 under the
+                // umask below) is open to it before it switches.
+                nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(who.id)])?;
+            }
+        }
+        if spec.run_as != RunAs::Root {
+            // Sockets and files the VM's processes make are theirs and their group's.
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
+        }
+        drop_bounding_set_but(&keep_caps)?;
         // What the program starts with is the bounding set only: nothing inherited,
         // nothing ambient, from whatever started boxlet.
-        let keep = spec.keep_caps.iter().fold(CapabilitySet::empty(), |s, &c| {
+        let keep = keep_caps.iter().fold(CapabilitySet::empty(), |s, &c| {
             s | CapabilitySet::from_bits_retain(1 << c)
         });
         rustix::thread::clear_ambient_capability_set()?;
+        if let RunAs::Vm(who) = spec.run_as {
+            // Leaving root's ids drops every capability (no SECBIT_KEEP_CAPS here).
+            use nix::unistd::{Gid, Uid};
+            let (uid, gid) = (Uid::from_raw(who.id), Gid::from_raw(who.id));
+            nix::unistd::setgroups(&[])?;
+            nix::unistd::setresgid(gid, gid, gid)?;
+            nix::unistd::setresuid(uid, uid, uid)?;
+            super::check_unprivileged(who.id)?;
+        }
         let current = rustix::thread::capabilities(None)?;
         rustix::thread::set_capabilities(
             None,

@@ -50,10 +50,17 @@ pub fn find_helper(var: &str, name: &str) -> Option<PathBuf> {
 pub const VIRTIOFSD_HINT: &str =
     "apt-get install libseccomp-dev libcap-ng-dev; cargo install virtiofsd --version 1.14.0 --locked";
 
-/// The vhost-user socket of a VM's share number `index` in its run directory (the
+/// The directory in a VM's run directory where its processes make and meet their
+/// sockets (the vsock socket, vhost-user sockets): the one place of the run directory
+/// they may write, handed to the VM's identity ([`crate::jail::hand_over`]).
+pub fn vm_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("vm")
+}
+
+/// The vhost-user socket of a VM's share number `index`, in its [`vm_dir`] (the
 /// backend starts `virtiofsd` there; the VMM connects to it).
 pub fn virtiofs_socket(run_dir: &Path, index: usize) -> PathBuf {
-    run_dir.join(format!("virtiofs{index}.sock"))
+    vm_dir(run_dir).join(format!("virtiofs{index}.sock"))
 }
 
 /// Where the `virtiofsd` of share number `index` writes its log.
@@ -200,7 +207,7 @@ pub async fn start_virtiofsds(
         let socket = virtiofs_socket(&spec.run_dir, i);
         let log = virtiofsd_log(&spec.run_dir, i);
         let mut binds = crate::jail::system_binds();
-        binds.push(crate::jail::Bind::rw(&spec.run_dir));
+        binds.push(crate::jail::Bind::rw(vm_dir(&spec.run_dir)));
         binds.push(crate::jail::Bind {
             path: share.host_path.clone(),
             writable: !share.read_only,
@@ -228,6 +235,8 @@ pub async fn start_virtiofsds(
 pub struct VmLaunch {
     jailer: crate::jail::Jailer,
     cgroup: Option<crate::cgroup::Cgroup>,
+    /// The VM's own ids, held until the VM ends.
+    identity: Option<crate::jail::IdentityLease>,
 }
 
 impl VmLaunch {
@@ -245,8 +254,18 @@ impl VmLaunch {
             return Ok(Self {
                 jailer,
                 cgroup: None,
+                identity: None,
             });
         }
+        let failed = |what: &str, e: io::Error| HypervisorError::Start {
+            backend,
+            what: what.into(),
+            msg: e.to_string(),
+        };
+        let identity =
+            crate::jail::IdentityLease::take().map_err(|e| failed("the VM's identity", e))?;
+        crate::jail::hand_over(&vm_dir(&spec.run_dir), identity.identity())
+            .map_err(|e| failed("the VM's identity", e))?;
         let parent = match crate::cgroup::parent() {
             Ok(p) => p,
             Err(reason) if spec.limits.explicit() => {
@@ -266,6 +285,7 @@ impl VmLaunch {
                 return Ok(Self {
                     jailer,
                     cgroup: None,
+                    identity: Some(identity),
                 });
             }
         };
@@ -280,7 +300,24 @@ impl VmLaunch {
         Ok(Self {
             jailer,
             cgroup: Some(cgroup),
+            identity: Some(identity),
         })
+    }
+
+    /// The VM's own ids, when its processes are jailed.
+    pub fn identity(&self) -> Option<crate::jail::Identity> {
+        self.identity.as_ref().map(|l| l.identity())
+    }
+
+    /// How a program of this VM that needs no privilege runs: as the VM's identity,
+    /// switched to by the jail, or (`after_setup`) by the program itself once it has
+    /// opened its files ([`crate::jail::RunAs`]). Root's when the jail is off.
+    pub fn run_as(&self, after_setup: bool) -> crate::jail::RunAs {
+        match self.identity() {
+            None => crate::jail::RunAs::Root,
+            Some(who) if after_setup => crate::jail::RunAs::VmAfterSetup(who),
+            Some(who) => crate::jail::RunAs::Vm(who),
+        }
     }
 
     /// `cmd` confined by `jail`, in the VM's cgroup ([`crate::jail::Jailer::wrap`]).

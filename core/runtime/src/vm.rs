@@ -193,7 +193,11 @@ pub async fn boot(hv: &dyn Hypervisor, spec: BootSpec) -> Result<RunningVm, Boot
             source,
         })?;
     let io = |what: String| move |source| BootError::Io { what, source };
-    let uds = run_dir.path().join("vsock.sock");
+    // The VM's sockets in its own directory, which the backend hands to the VM's
+    // identity (the ready socket with it, so the VM may connect to it).
+    let vm_dir = crate::process::vm_dir(run_dir.path());
+    std::fs::create_dir(&vm_dir).map_err(io(format!("creating {}", vm_dir.display())))?;
+    let uds = vm_dir.join("vsock.sock");
     let ready_path = PathBuf::from(format!("{}_{READY_PORT}", uds.display()));
     let listener = UnixListener::bind(&ready_path)
         .map_err(io(format!("listening on {}", ready_path.display())))?;

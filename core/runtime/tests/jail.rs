@@ -217,3 +217,218 @@ fn a_wrapped_command_keeps_the_environment_it_was_given() {
     )));
     assert!(envs.contains(&(std::ffi::OsStr::new("HOME"), None)));
 }
+
+/// Run `script` with /bin/sh through [`boxlet::jail::Jailer::wrap`] in a jail running
+/// as `run_as`, with `dir` writable; its stdout.
+fn run_as(dir: &Path, run_as: boxlet::jail::RunAs, script: &str) -> String {
+    let jailer = boxlet::jail::Jailer::Helper(env!("CARGO_BIN_EXE_boxlet-jail").into());
+    let mut binds = system_binds();
+    binds.push(Bind::rw(dir));
+    let mut spec = JailSpec::new(dir.join("root"), binds);
+    spec.run_as = run_as;
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.args(["-c", script]);
+    let out = jailer
+        .wrap(spec, cmd)
+        .unwrap()
+        .as_std_mut()
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The value of `key` in `text`'s lines of `/proc/self/status`, whitespace collapsed.
+fn status_field(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn a_program_run_as_the_vms_identity_has_its_ids_and_nothing_of_root() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let who = boxlet::jail::Identity {
+        id: boxlet::jail::VM_IDS.0 + 4242,
+    };
+    let text = run_as(
+        dir.path(),
+        boxlet::jail::RunAs::Vm(who),
+        "cat /proc/self/status; echo umask $(umask); echo env ${BOXLET_RUN_AS:-none}; \
+         touch /tmp/mine && stat -c 'made %u:%g' /tmp/mine; \
+         echo x > /etc/ld.so.cache 2>/dev/null && echo wrote-root-file; true",
+    );
+    let id = who.id.to_string();
+    assert_eq!(status_field(&text, "Uid"), [id.as_str(); 4].join(" "));
+    assert_eq!(status_field(&text, "Gid"), [id.as_str(); 4].join(" "));
+    assert_eq!(status_field(&text, "Groups"), "", "no supplementary group");
+    for key in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(status_field(&text, key), "0000000000000000", "{key}");
+    }
+    assert!(text.contains(&format!("made {id}:{id}")), "{text}");
+    assert!(text.contains("umask 0007"), "{text}");
+    assert!(text.contains("env none"), "{text}");
+    assert!(!text.contains("wrote-root-file"), "{text}");
+}
+
+#[test]
+fn a_program_that_switches_itself_starts_with_only_the_power_to_switch() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let who = boxlet::jail::Identity {
+        id: boxlet::jail::VM_IDS.0 + 4243,
+    };
+    let text = run_as(
+        dir.path(),
+        boxlet::jail::RunAs::VmAfterSetup(who),
+        "cat /proc/self/status; echo env ${BOXLET_RUN_AS:-none}",
+    );
+    let id = who.id.to_string();
+    // Root's ids with the VM's group, and only CAP_SETGID and CAP_SETUID.
+    assert!(status_field(&text, "Uid").starts_with("0 0 0"), "{text}");
+    assert_eq!(status_field(&text, "Groups"), id);
+    assert_eq!(status_field(&text, "CapEff"), "00000000000000c0");
+    assert_eq!(status_field(&text, "CapBnd"), "00000000000000c0");
+    assert!(text.contains(&format!("env {id}:{id}")), "{text}");
+}
+
+#[test]
+fn no_two_live_leases_share_an_identity_and_a_dropped_one_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids");
+    let a = boxlet::jail::IdentityLease::take_in(&ids).unwrap();
+    let b = boxlet::jail::IdentityLease::take_in(&ids).unwrap();
+    let (ia, ib) = (a.identity().id, b.identity().id);
+    assert_ne!(ia, ib);
+    for id in [ia, ib] {
+        assert!(
+            (boxlet::jail::VM_IDS.0..boxlet::jail::VM_IDS.0 + boxlet::jail::VM_IDS.1).contains(&id)
+        );
+    }
+    // A's slot is locked while A lives, free once it is dropped.
+    let slot = ids.join((ia - boxlet::jail::VM_IDS.0).to_string());
+    let try_lock = || {
+        let f = std::fs::File::open(&slot).unwrap();
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+    };
+    assert!(!try_lock(), "a live lease's slot is locked");
+    drop(a);
+    assert!(try_lock(), "a dropped lease's slot is free");
+    // The lease directory is private.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&ids).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+}
+
+#[test]
+fn handing_a_directory_over_follows_no_link_out_of_it() {
+    if !is_root() {
+        eprintln!("skipped: changing owners needs root");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::write(&outside, b"host").unwrap();
+    let vm = dir.path().join("vm");
+    std::fs::create_dir(&vm).unwrap();
+    std::fs::write(vm.join("sock"), b"").unwrap();
+    std::os::unix::fs::symlink(&outside, vm.join("link")).unwrap();
+    let who = boxlet::jail::Identity {
+        id: boxlet::jail::VM_IDS.0 + 9,
+    };
+    boxlet::jail::hand_over(&vm, who).unwrap();
+    let meta = std::fs::symlink_metadata(&vm).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (who.id, who.id, 0o770)
+    );
+    assert_eq!(std::fs::metadata(vm.join("sock")).unwrap().uid(), who.id);
+    assert_eq!(
+        std::fs::symlink_metadata(vm.join("link")).unwrap().uid(),
+        who.id
+    );
+    assert_eq!(
+        std::fs::metadata(&outside).unwrap().uid(),
+        0,
+        "the link's target is untouched"
+    );
+    // A symbolic link in place of the directory itself is refused, not followed.
+    let swapped = dir.path().join("swapped");
+    std::os::unix::fs::symlink(dir.path().join("outside"), &swapped).unwrap();
+    assert!(boxlet::jail::hand_over(&swapped, who).is_err());
+    assert_eq!(std::fs::metadata(&outside).unwrap().uid(), 0);
+}
+
+#[test]
+fn a_program_that_changed_its_ids_dies_with_its_jails_outer_process() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    // Changing ids clears a process's parent-death signal: the jail's init (PID 1 of
+    // its namespace, which keeps root's ids) is what takes the program down.
+    let dir = tempfile::tempdir().unwrap();
+    let who = boxlet::jail::Identity {
+        id: boxlet::jail::VM_IDS.0 + 4244,
+    };
+    let jailer = boxlet::jail::Jailer::Helper(env!("CARGO_BIN_EXE_boxlet-jail").into());
+    let mut binds = system_binds();
+    binds.push(Bind::rw(dir.path()));
+    let mut spec = JailSpec::new(dir.path().join("root"), binds);
+    spec.run_as = boxlet::jail::RunAs::Vm(who);
+    // (A leftover, should this fail, ends on its own within ten minutes.)
+    let marker = format!("600.{}", std::process::id());
+    let mut cmd = tokio::process::Command::new("/bin/sleep");
+    cmd.arg(&marker);
+    let mut outer = jailer
+        .wrap(spec, cmd)
+        .unwrap()
+        .as_std_mut()
+        .spawn()
+        .unwrap();
+    let sleeping = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                // The program itself, not the outer process (whose arguments end
+                // the same).
+                let argv: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                argv.len() == 3 && argv[0].ends_with(b"/sleep") && argv[1] == marker.as_bytes()
+            })
+        })
+    };
+    let mut waited = 0;
+    while !sleeping() {
+        assert!(waited < 500, "the jailed program never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+    }
+    outer.kill().unwrap();
+    outer.wait().unwrap();
+    let mut waited = 0;
+    while sleeping() {
+        assert!(
+            waited < 500,
+            "the program outlived its jail's outer process"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+    }
+}

@@ -159,6 +159,74 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// Every process of the VM whose run directory is `run_dir` that serves the guest (all
+/// but the jails' outer processes and `virtiofsd`, which serves files as their owners)
+/// runs as one unprivileged VM identity, in every id, with no capability; and there is
+/// at least one. Returns that identity. Only where the VM is jailed (root, the jail on).
+pub fn assert_vm_runs_unprivileged(run_dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0
+        || std::env::var_os("BOXLET_JAIL").is_some_and(|v| v == "off")
+    {
+        return None;
+    }
+    let name = run_dir.file_name().unwrap().to_str().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let (Ok(cmdline), Ok(status)) = (
+            std::fs::read(e.path().join("cmdline")),
+            std::fs::read_to_string(e.path().join("status")),
+        ) else {
+            continue;
+        };
+        let argv: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !argv.iter().any(|a| a.contains(name)) {
+            continue;
+        }
+        let program = Path::new(&argv[0])
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if program == "boxlet-jail" || program == "virtiofsd" {
+            continue;
+        }
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}:")))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let uids: Vec<u32> = field("Uid").iter().map(|u| u.parse().unwrap()).collect();
+        let (base, count) = boxlet::jail::VM_IDS;
+        assert!(
+            uids.len() == 4
+                && uids.iter().all(|&u| u == uids[0])
+                && (base..base + count).contains(&uids[0]),
+            "{program} runs as {uids:?}"
+        );
+        assert_eq!(field("Gid"), field("Uid"), "{program}'s group ids");
+        for key in ["CapPrm", "CapEff"] {
+            assert_eq!(field(key), ["0000000000000000"], "{program}: {key}");
+        }
+        ids.insert(uids[0]);
+        seen.push(program);
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "one identity for the VM's processes {seen:?}: {ids:?}"
+    );
+    ids.first().copied()
+}
+
 /// Nothing of a VM is left: no process mentions its run directory, which is gone.
 pub fn assert_nothing_left(run_dir: &Path) {
     let name = run_dir.file_name().unwrap().to_str().unwrap().to_owned();
@@ -200,6 +268,7 @@ pub async fn a_box_on_a_qcow2_overlay_runs_commands_and_keeps_its_writes(hv: &dy
     let vm = boot(hv, s).await.unwrap();
     let run_dir = vm.run_dir().to_path_buf();
     let a = vm.agent();
+    let first_identity = assert_vm_runs_unprivileged(&run_dir);
 
     // echo, exit codes, stderr apart from stdout.
     let o = a
@@ -337,6 +406,10 @@ pub async fn a_box_on_a_qcow2_overlay_runs_commands_and_keeps_its_writes(hv: &dy
     .unwrap();
     let o = vm.agent().run(sh("cat /root/state"), None).await.unwrap();
     assert_eq!(o.stdout, b"persisted\n");
+    // Its disk was written by a VM identity, through a descriptor opened before the
+    // switch; its processes are a VM identity again.
+    let second_identity = assert_vm_runs_unprivileged(vm.run_dir());
+    assert_eq!(first_identity.is_some(), second_identity.is_some());
     vm.shutdown(Duration::from_secs(30)).await.unwrap();
     assert_eq!(sha256_file(&base), base_sum);
     // The base, opened directly: no /root/state there.
