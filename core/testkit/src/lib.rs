@@ -567,6 +567,23 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // Room for files, not only bytes: the image's disk has inodes for its size (it once
+    // had the content's count and a quarter more: a hundred new files filled it).
+    let o = vm
+        .agent()
+        .run(
+            sh("mkdir /root/many && cd /root/many && i=0; \
+                while [ $i -lt 3000 ]; do : > f$i || exit 1; i=$((i+1)); done; ls | wc -l"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "3000",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     vm.shutdown(Duration::from_secs(30)).await.unwrap();
     assert_eq!(
         stamp(&base),

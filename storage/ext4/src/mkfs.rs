@@ -35,6 +35,8 @@ const LOST_FOUND_INO: u32 = 11;
 const MAX_EXTENT_LEN: u64 = 32768;
 /// The most links an inode may have (`EXT4_LINK_MAX`).
 const LINK_MAX: u32 = 65000;
+/// Bytes of a sized image per inode (mke2fs's default `inode_ratio`).
+const BYTES_PER_INODE: u64 = 16384;
 /// The largest image the builder makes (its block map takes 1 bit per block in memory).
 const MAX_IMAGE_BYTES: u64 = 1 << 42;
 
@@ -504,7 +506,13 @@ pub fn build_with_layers<'a>(
         data_blocks += len + 1;
     }
     let inodes_used = u64::from(next - 1);
-    let inodes = (inodes_used * (100 + opts.headroom_percent) / 100).max(inodes_used + 16);
+    let mut inodes = (inodes_used * (100 + opts.headroom_percent) / 100).max(inodes_used + 16);
+    if let Some(size) = opts.size {
+        // A size given is room to fill: files for it too (mke2fs's ratio), not only the
+        // content's own inodes and a quarter more, or the image runs out of inodes while
+        // nearly all its blocks are free.
+        inodes = inodes.max(size / BYTES_PER_INODE);
+    }
     let want = data_blocks * (100 + opts.headroom_percent) / 100 + 16;
     let min = opts.size.map(|s| s / BS);
     // Enough groups for the inodes too (at most 32768 per group).
@@ -924,8 +932,14 @@ fn write_metadata(
         for idx in geo.ipg as usize..(BS * 8) as usize {
             ibitmap[idx / 8] |= 1 << (idx % 8);
         }
-        file.write_all_at(&table, geo.inode_table(g) * BS)
-            .map_err(io)?;
+        // Blocks of unused inodes stay holes (the file is new, so they read as zeros,
+        // as the descriptor's INODE_ZEROED says): a sized image's tables cost no disk.
+        for (k, block) in table.chunks(BS as usize).enumerate() {
+            if block.iter().any(|&b| b != 0) {
+                file.write_all_at(block, (geo.inode_table(g) + k as u64) * BS)
+                    .map_err(io)?;
+            }
+        }
         let mut bbitmap = vec![0u8; BS as usize];
         let start = geo.group_start(g);
         let len = geo.group_len(g);

@@ -67,6 +67,18 @@ fn an_empty_tree_and_a_given_size() {
     .unwrap();
     assert!(r.size >= 300 << 20, "{}", r.size);
     e2fsck_clean(&img2);
+    // Room for files as well as bytes: an inode per 16 KiB, as mke2fs gives, and the
+    // empty inode tables (4.8 MiB of them) are holes.
+    let fs = Ext4::open(&img2).unwrap();
+    let sb = fs.superblock();
+    assert!(
+        sb.inodes_count >= (300 << 20) / 16384,
+        "{} inodes",
+        sb.inodes_count
+    );
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&img2).unwrap().blocks() * 512;
+    assert!(allocated < 8 << 20, "{allocated} bytes allocated");
     let e = build_file(
         &Tree::from_dir(Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap(),
         &dir.path().join("small.img"),
