@@ -181,9 +181,15 @@ impl Qemu {
             &spec.cmdline,
         ]);
         if let Some(who) = identity {
-            // The VM's own ids once QEMU has opened its disks, kernel and sockets, and
-            // before the guest runs.
-            push(&["-runas", &who.uid_gid()]);
+            // The VM's own ids once QEMU has opened its disks, kernel and sockets. QEMU
+            // 7.2 applies -runas after it would start the vCPUs: they start paused (-S)
+            // and the backend resumes them over QMP, which QEMU serves only after the
+            // switch.
+            push(&["-runas", &who.uid_gid(), "-S"]);
+            push(&[
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", qemu_path(&qmp_socket(spec))),
+            ]);
         }
         match self.accel {
             Acceleration::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -225,6 +231,80 @@ impl Qemu {
             ]);
         }
         a
+    }
+}
+
+/// QEMU's QMP socket, in the VM's directory (used only to resume a VM that switched to
+/// its identity).
+fn qmp_socket(spec: &VmSpec) -> PathBuf {
+    vm_dir(&spec.run_dir).join("qmp.sock")
+}
+
+/// Resume the paused VM of `spec` over QMP once QEMU (`qemu`) serves it: the socket
+/// appears, the greeting, `qmp_capabilities`, `cont`. Every line read is bounded (QEMU
+/// may be the guest's by now), the whole exchange takes at most `limit`.
+async fn resume(spec: &VmSpec, qemu: &mut Child, limit: Duration) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let socket = qmp_socket(spec);
+    let exchange = async {
+        let stream = loop {
+            if let Some(status) = qemu.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("QEMU ended ({status}) before it served QMP"));
+            }
+            match boxlet::process::connect_no_follow(&socket).await {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        || e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => return Err(format!("{}: {e}", socket.display())),
+            }
+        };
+        let (r, mut w) = stream.into_split();
+        let mut r = tokio::io::BufReader::new(r);
+        qmp_answer(&mut r, "the greeting").await?;
+        for cmd in ["qmp_capabilities", "cont"] {
+            w.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            qmp_answer(&mut r, cmd).await?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| format!("QEMU did not resume over QMP within {limit:?}"))?
+}
+
+/// Read QMP lines until the answer to `want` (a return, or the greeting), an error, or
+/// the end; each line at most 64 KiB.
+async fn qmp_answer(
+    r: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    want: &str,
+) -> Result<(), String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    loop {
+        let mut line = String::new();
+        let n = (&mut *r)
+            .take(64 << 10)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("QMP closed waiting for {want}"));
+        }
+        // Events may come first; the answer is a return or an error.
+        if line.contains("\"return\"") || line.contains("\"QMP\"") {
+            return Ok(());
+        }
+        if line.contains("\"error\"") {
+            return Err(format!(
+                "QMP refused {want}: {}",
+                boxlet::console::printable(line.trim(), false)
+            ));
+        }
     }
 }
 
@@ -325,6 +405,18 @@ impl Hypervisor for Qemu {
             .map_err(|e| start_err("qemu", format!("{}: {e}", spec.console_log.display())))?;
         tracing::debug!(name = %spec.name, "starting qemu");
         let mut qemu = cmd.spawn().map_err(|e| start_err("qemu", e))?;
+        if launch.identity().is_some() {
+            // Paused until it runs as the VM's identity (see `args`).
+            if let Err(e) = resume(&spec, &mut qemu, Duration::from_secs(30)).await {
+                let _ = qemu.start_kill();
+                let _ = qemu.wait().await;
+                let tail = boxlet::console::console_tail(&stderr_log, 10);
+                return Err(start_err(
+                    "qemu",
+                    format!("{e}; its stderr: {}", tail.trim()),
+                ));
+            }
+        }
         let out = qemu
             .stdout
             .take()
@@ -504,7 +596,12 @@ mod tests {
             id: boxlet::jail::VM_IDS.0 + 7,
         };
         let a = q.args(&spec, None, &[], Some(who)).join(" ");
-        assert!(a.contains(&format!("-runas {}", who.uid_gid())), "{a}");
+        assert!(a.contains(&format!("-runas {} -S", who.uid_gid())), "{a}");
+        // Paused until resumed over QMP, which QEMU serves only once switched.
+        assert!(
+            a.contains("-qmp unix:/run/vm/qmp.sock,server=on,wait=off"),
+            "{a}"
+        );
         assert!(a.contains("elevateprivileges=allow"), "{a}");
     }
 }

@@ -14,7 +14,7 @@ use boxlet_guest::proto::{
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 
 /// An agent error: transport, protocol, or a request the agent refused.
 #[derive(Debug, thiserror::Error)]
@@ -510,7 +510,7 @@ impl AgentClient {
             path: path.clone(),
             msg,
         };
-        let s = UnixStream::connect(path)
+        let s = crate::process::connect_no_follow(path)
             .await
             .map_err(|e| cerr(e.to_string()))?;
         let (r, mut w) = s.into_split();

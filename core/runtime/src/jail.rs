@@ -120,10 +120,11 @@ pub enum RunAs {
 /// `uid:gid`.
 pub const RUN_AS_VAR: &str = "BOXLET_RUN_AS";
 
-/// The ids VMs run as: `VM_IDS.0 + slot` for 65536 slots, a block no distribution hands
-/// out (below systemd's container ranges' top, beside the image caches' shifted ids at
-/// 0x6F000000).
-pub const VM_IDS: (u32, u32) = (0x6E00_0000, 65536);
+/// The ids VMs run as: `VM_IDS.0 + slot` for 65536 slots, in the block systemd
+/// documents as unused (0x70000000-0x7FFDFFFF: above its container range, which
+/// `systemd-nspawn --private-users=pick` picks from, below its foreign range and the ids
+/// some tools read as negative).
+pub const VM_IDS: (u32, u32) = (0x7000_0000, 65536);
 
 /// One VM's [`Identity`], its slot locked (`flock`) in a directory only root may write
 /// (`/run/boxlet/ids`, or `$BOXLET_IDS_DIR`) for as long as this lives: no two running
@@ -516,11 +517,13 @@ mod linux {
     /// ready to exec. The two above it never return:
     /// - the outer process stays outside, forwards termination signals, and ends as the
     ///   program did (re-raising the signal that killed it);
-    /// - PID 1 keeps root's ids but drops every capability, forwards the signals on,
+    /// - PID 1 keeps root's ids but drops every capability but CAP_KILL, forwards the
+    ///   signals on,
     ///   reaps, and reports how the program ended. It is there because the program may
     ///   change its ids (the VM's identity), which clears its parent-death signal: PID
     ///   1's never is, and when PID 1 dies the kernel kills everything in the
     ///   namespace, so nothing of a jail outlives its outer process, however it ends.
+    ///   It keeps CAP_KILL alone, to signal a program that runs with other ids.
     pub fn enter(spec: &JailSpec) -> io::Result<()> {
         if let Some(cg) = &spec.cgroup {
             crate::cgroup::join(cg)?;
@@ -580,18 +583,23 @@ mod linux {
         }
     }
 
-    /// PID 1 of the jail: nothing of root's power kept, signals passed to the program,
-    /// orphans reaped; ends when the program does, with its exit status, or saying on
-    /// `died` which signal killed it.
+    /// CAP_KILL: what the jail's init keeps, to pass signals on to a program that runs
+    /// with other ids (it sees only its own PID namespace).
+    const CAP_KILL: u8 = 5;
+
+    /// PID 1 of the jail: of root's power only CAP_KILL kept, signals passed to the
+    /// program, orphans reaped; ends when the program does, with its exit status, or
+    /// saying on `died` which signal killed it.
     fn init(program: nix::unistd::Pid, died: io::PipeWriter) -> ! {
         let drop_everything = || -> io::Result<()> {
             no_core_dumps()?;
-            drop_bounding_set_but(&[])?;
+            drop_bounding_set_but(&[CAP_KILL])?;
+            let kill = CapabilitySet::from_bits_retain(1 << CAP_KILL);
             rustix::thread::set_capabilities(
                 None,
                 rustix::thread::CapabilitySets {
-                    effective: CapabilitySet::empty(),
-                    permitted: CapabilitySet::empty(),
+                    effective: kill,
+                    permitted: kill,
                     inheritable: CapabilitySet::empty(),
                 },
             )?;

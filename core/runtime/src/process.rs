@@ -46,6 +46,31 @@ pub fn find_helper(var: &str, name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// Connect to the Unix socket at `path` without following a symbolic link in its last
+/// component, and only if it is a socket: the directory of a VM's sockets belongs to the
+/// VM's own processes, which could otherwise point this process (often root) at any
+/// socket on the host and have the agent's requests sent there.
+pub async fn connect_no_follow(path: &Path) -> io::Result<tokio::net::UnixStream> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let kind = FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+    if kind != FileType::Socket {
+        return Err(io::Error::other(format!(
+            "not a socket but a {kind:?}: refused"
+        )));
+    }
+    // Through the descriptor: the very inode checked (it also lifts the length limit of
+    // a socket path).
+    let via = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    let stream = tokio::net::UnixStream::connect(via).await;
+    drop(fd);
+    stream
+}
+
 /// How to install `virtiofsd`, for errors that find it missing.
 pub const VIRTIOFSD_HINT: &str =
     "apt-get install libseccomp-dev libcap-ng-dev; cargo install virtiofsd --version 1.14.0 --locked";

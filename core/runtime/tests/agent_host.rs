@@ -659,3 +659,39 @@ async fn copy_out_cannot_be_fooled_by_pax_sizes_long_records_or_chained_links() 
     assert!(e.contains("lies under a symlink"), "{e}");
     assert_eq!(std::fs::read_dir(host.path()).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn the_host_never_follows_a_link_put_in_place_of_the_vms_socket() {
+    // The VM's processes own the directory of its socket: one that swaps the socket for
+    // a link to another socket on the host gets no connection there from the runtime.
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = std::os::unix::net::UnixListener::bind(dir.path().join("host.sock")).unwrap();
+    elsewhere.set_nonblocking(true).unwrap();
+    let uds = dir.path().join("vsock.sock");
+    std::os::unix::fs::symlink(dir.path().join("host.sock"), &uds).unwrap();
+    let e = AgentClient::vsock(&uds)
+        .ping()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("not a socket") && e.contains("vsock.sock"),
+        "{e}"
+    );
+    assert_eq!(
+        elsewhere.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the other socket was reached"
+    );
+    // A socket itself is reached (here: one that hangs up at once).
+    std::fs::remove_file(&uds).unwrap();
+    let real = std::os::unix::net::UnixListener::bind(&uds).unwrap();
+    let hangs_up = std::thread::spawn(move || drop(real.accept().unwrap()));
+    let e = AgentClient::vsock(&uds)
+        .ping()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains("not a socket"), "{e}");
+    hangs_up.join().unwrap();
+}

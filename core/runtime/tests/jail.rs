@@ -432,3 +432,57 @@ fn a_program_that_changed_its_ids_dies_with_its_jails_outer_process() {
         waited += 1;
     }
 }
+
+#[test]
+fn a_stop_reaches_a_program_that_runs_as_the_vms_identity() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    // SIGTERM to the outer process goes through the jail's init (root's ids, CAP_KILL
+    // alone) to a program with other ids: a VMM that is asked to stop can flush its disks.
+    let dir = tempfile::tempdir().unwrap();
+    let jailer = boxlet::jail::Jailer::Helper(env!("CARGO_BIN_EXE_boxlet-jail").into());
+    let mut binds = system_binds();
+    binds.push(Bind::rw(dir.path()));
+    let mut spec = JailSpec::new(dir.path().join("root"), binds);
+    spec.run_as = boxlet::jail::RunAs::Vm(boxlet::jail::Identity {
+        id: boxlet::jail::VM_IDS.0 + 4245,
+    });
+    use std::os::unix::fs::PermissionsExt;
+    // Where the program (not root) says it is up.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ready = dir.path().join("ready");
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.args([
+        "-c",
+        "trap 'exit 7' TERM; : > \"$0\"; while :; do sleep 0.1; done",
+    ])
+    .arg(&ready);
+    let mut outer = jailer
+        .wrap(spec, cmd)
+        .unwrap()
+        .as_std_mut()
+        .spawn()
+        .unwrap();
+    let mut waited = 0;
+    while !ready.exists() {
+        assert!(waited < 500, "the jailed program never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(outer.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    for _ in 0..500 {
+        if let Some(status) = outer.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(7), "{status:?}");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    outer.kill().unwrap();
+    panic!("the program never got the SIGTERM");
+}
