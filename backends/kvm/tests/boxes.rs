@@ -67,3 +67,13 @@ async fn a_directory_root_over_virtio_fs() {
 async fn boxes_from_an_oci_image_boot_through_every_rootfs_strategy() {
     kit::hang_guarded(LIMIT, kit::rootfs_strategies_boot(&backend())).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a KVM that boots Linux: make test-nested"]
+async fn a_guest_filling_its_directory_root_meets_its_quota() {
+    kit::hang_guarded(
+        LIMIT,
+        kit::a_guest_filling_its_directory_root_meets_its_quota(&backend()),
+    )
+    .await;
+}

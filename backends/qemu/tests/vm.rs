@@ -30,6 +30,11 @@ async fn boxes_from_an_oci_image_boot_through_every_rootfs_strategy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_filling_its_directory_root_meets_its_quota() {
+    kit::a_guest_filling_its_directory_root_meets_its_quota(&Qemu::new().unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_kernel_panic_is_an_error_not_a_hang() {
     kit::a_guest_kernel_panic_is_an_error_not_a_hang(&Qemu::new().unwrap()).await;
 }

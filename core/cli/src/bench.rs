@@ -42,6 +42,11 @@ pub struct StrategiesArgs {
     /// Prepare only: no boots, no workload.
     #[arg(long)]
     no_boot: bool,
+    /// The disk quota of the directory-root strategies (extracted, overlay): a size, or
+    /// `unlimited` (their boxes then write to the home's file system; reflinks for
+    /// extracted where it has them). Default: as `boxlet run`.
+    #[arg(long, value_name = "SIZE|unlimited", value_parser = crate::run::parse_quota)]
+    disk_quota: Option<boxlet::rootfs::DiskQuota>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -251,6 +256,7 @@ async fn strategies(a: StrategiesArgs) -> Result<()> {
         )?;
         let agent2 = agent.clone();
         let dd = direct_dir.path().to_path_buf();
+        let quota = a.disk_quota.unwrap_or_default();
         let makers: Vec<(&'static str, Box<MakeStrategy>)> = vec![
             (
                 "direct",
@@ -260,15 +266,20 @@ async fn strategies(a: StrategiesArgs) -> Result<()> {
             ),
             (
                 "extracted",
-                Box::new(|h, s| {
-                    Ok(Box::new(ExtractedStrategy::new(h.clone(), s)?) as Box<dyn RootfsStrategy>)
+                Box::new(move |h, s| {
+                    Ok(
+                        Box::new(ExtractedStrategy::new(h.clone(), s)?.with_disk_quota(quota))
+                            as Box<dyn RootfsStrategy>,
+                    )
                 }),
             ),
             (
                 "overlay",
-                Box::new(|h, s| {
-                    Ok(Box::new(OverlayStrategy::new(h.clone(), s, false)?)
-                        as Box<dyn RootfsStrategy>)
+                Box::new(move |h, s| {
+                    Ok(
+                        Box::new(OverlayStrategy::new(h.clone(), s, false)?.with_disk_quota(quota))
+                            as Box<dyn RootfsStrategy>,
+                    )
                 }),
             ),
             (

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use boxlet::rootfs::{
-    AgentBinary, DiskStrategy, ExtractedStrategy, GuestRootfs, Home, OverlayStrategy,
+    AgentBinary, DiskQuota, DiskStrategy, ExtractedStrategy, GuestRootfs, Home, OverlayStrategy,
     PrepareRequest, RuntimeLock,
 };
 use boxlet::{boot, AccelPolicy, BootSpec, Exec, Root, RootfsStrategy};
@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// Processes and threads the box's VM processes may have (default 1024).
     #[arg(long, value_name = "N")]
     pids_limit: Option<u64>,
+    /// How much a box on a directory root (extracted, overlay) may write to the host's
+    /// disk: a size (`512M`, `10G`), or `unlimited`. Default: 4 GiB of writes (and the
+    /// image's copy, for extracted). Quotas need root (a loop-mounted file system per box).
+    #[arg(long, value_name = "SIZE|unlimited", value_parser = parse_quota)]
+    disk_quota: Option<DiskQuota>,
     /// Environment for CMD (`KEY=VALUE`, repeatable), over the image's.
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
@@ -81,18 +86,40 @@ pub struct RunArgs {
     cmd: Vec<String>,
 }
 
+/// `--disk-quota`: a size, or `unlimited`.
+pub(crate) fn parse_quota(s: &str) -> Result<DiskQuota, String> {
+    match s {
+        "unlimited" | "none" => Ok(DiskQuota::Unlimited),
+        _ => crate::size::parse_size(s).map(DiskQuota::Bytes),
+    }
+}
+
 fn strategy(
     name: StrategyName,
     home: &Home,
     store: &Arc<Store>,
+    quota: Option<DiskQuota>,
 ) -> Result<Box<dyn RootfsStrategy>> {
+    let quota = quota.unwrap_or_default();
+    if name == StrategyName::Disk {
+        // The Disk strategy's box writes into its own disk, bounded by its size.
+        anyhow::ensure!(
+            quota == DiskQuota::Default,
+            "--disk-quota is for directory roots (--strategy extracted or overlay); a disk \
+             box writes within its disk"
+        );
+    }
     Ok(match name {
         StrategyName::Disk => {
             let agent = AgentBinary::new(crate::agent::find()?);
             Box::new(DiskStrategy::new(home.clone(), store.clone(), agent)?)
         }
-        StrategyName::Extracted => Box::new(ExtractedStrategy::new(home.clone(), store.clone())?),
-        StrategyName::Overlay => Box::new(OverlayStrategy::new(home.clone(), store.clone(), true)?),
+        StrategyName::Extracted => {
+            Box::new(ExtractedStrategy::new(home.clone(), store.clone())?.with_disk_quota(quota))
+        }
+        StrategyName::Overlay => Box::new(
+            OverlayStrategy::new(home.clone(), store.clone(), true)?.with_disk_quota(quota),
+        ),
     })
 }
 
@@ -136,7 +163,7 @@ async fn run_box(a: RunArgs) -> Result<i32> {
     let image = StoredImage::open(&store, &a.image)
         .with_context(|| format!("{}: `boxlet pull` or `boxlet import` it first", a.image))?;
     let cmd = command(&a, &image)?;
-    let strategy = strategy(a.strategy, &home, &store)?;
+    let strategy = strategy(a.strategy, &home, &store, a.disk_quota)?;
     let id = BoxId::mint();
     let mut record = BoxRecord {
         id,

@@ -28,7 +28,8 @@ async fn each_box_gets_its_own_copy_of_the_extracted_image() {
     let ra = strategy.prepare(&req(a)).await.unwrap();
     let rb = strategy.prepare(&req(b)).await.unwrap();
     assert_eq!(strategy.extractions(), 1);
-    assert_eq!(ra.path, home.box_dir(a).join("rootfs"));
+    // On the box's own file system (its disk quota), when this runs as root.
+    assert_eq!(ra.path, home.box_dir(a).join("rw/rootfs"));
     assert!(matches!(&ra.strategy, Strategy::Extracted { layers, .. } if layers.len() == 2));
     assert!(matches!(
         ra.root(),

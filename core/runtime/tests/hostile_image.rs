@@ -54,8 +54,13 @@ fn usable_on_the_host(home: &Path) -> Vec<String> {
         for x in xattrs(&p) {
             // The only others: boxlet's overlayfs markers on unpacked layers, and the
             // ones overlayfs itself keeps on a box's upper directory.
-            let in_upper = p.parent().and_then(Path::parent) == Some(&home.join("boxes"))
-                && p.file_name().is_some_and(|n| n == "upper");
+            // (boxes/<id>/upper, or boxes/<id>/rw/upper on a box's quota file system)
+            let boxes = home.join("boxes");
+            let parent = p.parent();
+            let in_upper = p.file_name().is_some_and(|n| n == "upper")
+                && (parent.and_then(Path::parent) == Some(&boxes)
+                    || (parent.and_then(Path::file_name) == Some("rw".as_ref())
+                        && parent.and_then(Path::parent).and_then(Path::parent) == Some(&boxes)));
             let own_marker = x.starts_with("trusted.overlay.")
                 && (p.starts_with(home.join("layers")) || in_upper);
             if !x.starts_with("user.virtiofs.") && !own_marker {

@@ -129,6 +129,15 @@ fn without_cap_sys_admin_it_fails_clearly_or_falls_back_to_extracted() {
         err.contains("CAP_SYS_ADMIN") && err.contains("Extracted"),
         "{err}"
     );
+    // The fallback's default disk quota needs root's loop devices: a clear error that
+    // names the way out.
+    let quota = run("fallback-quota");
+    assert!(!quota.status.success());
+    let err = String::from_utf8_lossy(&quota.stderr);
+    assert!(
+        err.contains("needs root") && err.contains("unlimited"),
+        "{err}"
+    );
     let fallback = run("fallback");
     assert!(
         fallback.status.success(),

@@ -1,6 +1,6 @@
 //! On a file system with reflinks (XFS, loop-mounted here; needs root and xfsprogs),
 //! copies share extents instead of copying data, and the Extracted strategy makes each
-//! box's files that way.
+//! box's files that way (when the box has no disk quota).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -74,7 +74,11 @@ fn a_copy_on_xfs_is_a_reflink() {
 async fn extracted_boxes_on_xfs_are_made_of_reflinks() {
     let xfs = Xfs::new();
     let (home, store) = boxlet_testkit::busybox_home(xfs.path());
-    let strategy = ExtractedStrategy::new(home.clone(), store).unwrap();
+    // Without a disk quota: a box with one copies onto its own file system, where the
+    // cache's extents cannot be shared.
+    let strategy = ExtractedStrategy::new(home.clone(), store)
+        .unwrap()
+        .with_disk_quota(boxlet::rootfs::DiskQuota::Unlimited);
     let req = PrepareRequest {
         image: Some("busybox:1".into()),
         box_id: BoxId::mint(),

@@ -630,12 +630,12 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    guest_plants_nothing_on_the_host(&vm, &home.box_dir(id).join("upper")).await;
+    let boxlet::rootfs::Strategy::OverlayMount { upper, .. } = &rootfs.strategy else {
+        panic!("{:?}", rootfs.strategy)
+    };
+    guest_plants_nothing_on_the_host(&vm, upper).await;
     vm.shutdown(Duration::from_secs(30)).await.unwrap();
-    assert_eq!(
-        std::fs::read(home.box_dir(id).join("upper/root/note")).unwrap(),
-        b"up\n"
-    );
+    assert_eq!(std::fs::read(upper.join("root/note")).unwrap(), b"up\n");
     overlay.cleanup(&rootfs).await.unwrap();
     assert!(!home.box_dir(id).exists(), "the box's directory stayed");
 
@@ -662,6 +662,64 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
 }
 
 /// A guest whose kernel panics (no init) fails the boot with the panic line.
+/// A guest writing until its root is full, on a directory root with a 64 MiB disk
+/// quota (OverlayMount: the upper on the box's own file system), meets ENOSPC, and the
+/// host gave the box at most its quota. Needs root (skipped otherwise).
+pub async fn a_guest_filling_its_directory_root_meets_its_quota(hv: &dyn Hypervisor) {
+    use boxlet::rootfs::{DiskQuota, OverlayStrategy, PrepareRequest};
+    use boxlet::RootfsStrategy;
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("skipped: disk quotas need root");
+        return;
+    }
+    const QUOTA: u64 = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (home, store) = busybox_home(dir.path());
+    let strategy = OverlayStrategy::new(home.clone(), store, false)
+        .unwrap()
+        .with_disk_quota(DiskQuota::Bytes(QUOTA));
+    let id = boxlet_cas::BoxId::mint();
+    let rootfs = strategy
+        .prepare(&PrepareRequest {
+            image: Some("busybox:1".into()),
+            box_id: id,
+        })
+        .await
+        .unwrap();
+    let vm = boot(hv, spec(rootfs.root())).await.unwrap();
+    let o = vm
+        .agent()
+        .run(
+            sh(
+                "dd if=/dev/zero of=/fill bs=1M count=256 conv=fsync 2>&1; echo status $?; \
+                ls -l /fill | awk '{print \"size\", $5}'",
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("No space left on device"), "{out}");
+    assert!(!out.contains("status 0"), "{out}");
+    let size: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("size "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(size > QUOTA / 4 && size <= QUOTA, "{out}");
+    // All the box holds on the host's file system is its own file system's sparse
+    // file, allocated within the quota.
+    let held = boxlet::rootfs::allocated_bytes(&home.box_dir(id));
+    assert!(
+        held <= QUOTA + (1 << 20),
+        "the box holds {held} bytes on the host"
+    );
+    vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    strategy.cleanup(&rootfs).await.unwrap();
+    assert!(!home.box_dir(id).exists());
+}
+
 pub async fn a_guest_kernel_panic_is_an_error_not_a_hang(hv: &dyn Hypervisor) {
     let dir = tempfile::tempdir().unwrap();
     // No agent at the init path: the kernel panics ("No working init found").

@@ -92,8 +92,27 @@ fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
         let mut off_out = start;
         while off_in < end {
             let want = (end - off_in).min(1 << 30) as usize;
-            let n =
-                rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want)?;
+            let n = match rustix::fs::copy_file_range(
+                from,
+                Some(&mut off_in),
+                to,
+                Some(&mut off_out),
+                want,
+            ) {
+                // Between two file systems (a box's quota file system and the cache)
+                // the kernel may not copy in place: through a buffer, then.
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::NOSYS,
+                ) => {
+                    let n = buffered_copy(from, to, off_in, end)?;
+                    off_in += n;
+                    off_out += n;
+                    n as usize
+                }
+                r => r?,
+            };
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -104,6 +123,24 @@ fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
         pos = end;
     }
     Ok(())
+}
+
+/// Copy `from`'s bytes `start..end` to the same place in `to` through a buffer;
+/// returns how many were copied (fewer only at the source's end).
+fn buffered_copy(from: &File, to: &File, start: u64, end: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = start;
+    while pos < end {
+        let want = ((end - pos) as usize).min(buf.len());
+        let n = from.read_at(&mut buf[..want], pos)?;
+        if n == 0 {
+            break;
+        }
+        to.write_all_at(&buf[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(pos - start)
 }
 
 #[cfg(test)]

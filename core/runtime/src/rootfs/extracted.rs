@@ -3,6 +3,11 @@
 //! own copy of it (reflinks where the file system has them, else a copy of the data),
 //! booted over virtio-fs.
 //!
+//! The box's copy lives on its own file system of its disk quota
+//! ([`crate::rootfs::quota`]: the tree and [`crate::rootfs::DEFAULT_QUOTA`] more by
+//! default), where reflinks from the cache cannot reach: with a quota the copy is a copy;
+//! only [`DiskQuota::Unlimited`] copies onto the home's own file system.
+//!
 //! The cache is staged in `tmp/` and renamed into `images/` whole: a directory there is
 //! complete, and a crash leaves only staging, which the store sweeps at open.
 
@@ -14,11 +19,12 @@ use async_trait::async_trait;
 use boxlet_cas::Store;
 use boxlet_oci::{StoredImage, Whiteouts};
 
+use crate::rootfs::quota::{self, unmount_under, DiskQuota};
 use crate::rootfs::shared::{
     box_dir_of, cache_apply_options, cache_id_base, image_env, install_staged_dir, own_top_dir,
     remove_box_dir, requested_image, Flights,
 };
-use crate::rootfs::tree_copy::{copy_tree, TreeCopy};
+use crate::rootfs::tree_copy::{allocated_bytes, copy_tree, TreeCopy};
 use crate::rootfs::{GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy};
 
 /// The Extracted strategy (see the module documentation).
@@ -26,6 +32,7 @@ use crate::rootfs::{GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrate
 pub struct ExtractedStrategy {
     inner: Arc<Inner>,
     flights: Flights,
+    quota: DiskQuota,
 }
 
 #[derive(Debug)]
@@ -40,6 +47,11 @@ impl ExtractedStrategy {
     /// Boxes of `home` from images in `store`.
     pub fn new(home: Home, store: Arc<Store>) -> Result<Self, RootfsError> {
         home.prepare()?;
+        // Boxes' quota file systems a crashed runtime left mounted (a home is one
+        // runtime's at a time: `RuntimeLock`).
+        if home.boxes().is_dir() {
+            unmount_under(&home.boxes())?;
+        }
         Ok(ExtractedStrategy {
             inner: Arc::new(Inner {
                 home,
@@ -48,7 +60,15 @@ impl ExtractedStrategy {
                 last_copy: Mutex::default(),
             }),
             flights: Flights::default(),
+            quota: DiskQuota::Default,
         })
+    }
+
+    /// Boxes with `quota` on their copy and what their guests write (the default: the
+    /// tree and [`quota::DEFAULT_QUOTA`] more).
+    pub fn with_disk_quota(mut self, quota: DiskQuota) -> Self {
+        self.quota = quota;
+        self
     }
 
     /// How many images this strategy has extracted (cache misses).
@@ -119,11 +139,21 @@ impl RootfsStrategy for ExtractedStrategy {
         let reference = image.record.reference.as_str();
         let tree = self.cached_tree(&image).await?;
         let box_dir = self.inner.home.box_dir(req.box_id);
-        let rootfs = box_dir.join("rootfs");
+        let quota = self.quota;
+        let rootfs = match quota {
+            DiskQuota::Unlimited => box_dir.join("rootfs"),
+            _ => box_dir.join("rw").join("rootfs"),
+        };
         let inner = self.inner.clone();
         let (from, to) = (tree.clone(), rootfs.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), RootfsError> {
-            std::fs::create_dir_all(&box_dir).map_err(RootfsError::io("creating", &box_dir))?;
+        let dir = box_dir.clone();
+        let made = tokio::task::spawn_blocking(move || -> Result<(), RootfsError> {
+            std::fs::create_dir_all(&dir).map_err(RootfsError::io("creating", &dir))?;
+            // The copy and a quarter more for the file system's own metadata.
+            let content = allocated_bytes(&from).saturating_mul(5) / 4;
+            if let Some(bytes) = quota.size_for(content) {
+                quota::mount_new(&dir.join("quota.ext4"), &dir.join("rw"), bytes)?;
+            }
             let stats = copy_tree(&from, &to)?;
             *inner
                 .last_copy
@@ -135,7 +165,14 @@ impl RootfsStrategy for ExtractedStrategy {
         .map_err(|e| RootfsError::Invalid {
             what: reference.to_string(),
             reason: format!("copying its tree failed: {e}"),
-        })??;
+        })?;
+        if let Err(e) = made {
+            // (Never removed through a mount: left in place when unmounting fails.)
+            if unmount_under(&box_dir).is_ok() {
+                let _ = std::fs::remove_dir_all(&box_dir);
+            }
+            return Err(e);
+        }
         Ok(GuestRootfs {
             path: rootfs,
             strategy: Strategy::Extracted {
@@ -149,6 +186,9 @@ impl RootfsStrategy for ExtractedStrategy {
     }
 
     async fn cleanup(&self, rootfs: &GuestRootfs) -> Result<(), RootfsError> {
-        remove_box_dir(box_dir_of(&self.inner.home, &rootfs.path)?).await
+        let dir = box_dir_of(&self.inner.home, &rootfs.path)?;
+        // Never remove through a mount (the box's file system).
+        unmount_under(&dir)?;
+        remove_box_dir(dir).await
     }
 }

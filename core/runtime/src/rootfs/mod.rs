@@ -15,6 +15,7 @@ mod fault;
 mod home;
 mod manager;
 mod overlay;
+mod quota;
 mod shared;
 mod tree_copy;
 
@@ -33,6 +34,7 @@ pub use fault::{PrepareHook, PrepareStep};
 pub use home::{Home, RuntimeLock};
 pub use manager::{AgentBinary, GuestRootfsManager, GLOBAL_SOURCE};
 pub use overlay::OverlayStrategy;
+pub use quota::{DiskQuota, DEFAULT_QUOTA, MIN_QUOTA};
 pub use tree_copy::{allocated_bytes, copy_tree, TreeCopy};
 
 use crate::hypervisor::ShareIds;

@@ -4,10 +4,13 @@
 //! needs CAP_SYS_ADMIN: without it, prepare fails clearly, or falls back to the Extracted
 //! strategy when asked to.
 //!
+//! What the guest writes (the upper and work directories) lives on the box's own file
+//! system of its disk quota ([`crate::rootfs::quota`]), unless asked for none.
+//!
 //! Mounts never leak: cleanup unmounts before it removes anything, and a new strategy
 //! unmounts what a crashed runtime left mounted under `boxes/`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -15,9 +18,10 @@ use async_trait::async_trait;
 use boxlet_cas::Store;
 use boxlet_oci::{Layer, StoredImage, Whiteouts};
 
+use crate::rootfs::quota::{self, mount_points, unmount_under, DiskQuota};
 use crate::rootfs::shared::{
-    box_dir_of, cache_apply_options, cache_id_base, image_env, install_staged_dir, own_top_dir,
-    remove_box_dir, requested_image, Flights,
+    box_dir_of, cache_apply_options, cache_id_base, has_cap_sys_admin, image_env,
+    install_staged_dir, own_top_dir, remove_box_dir, requested_image, Flights,
 };
 use crate::rootfs::{
     ExtractedStrategy, GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy,
@@ -29,6 +33,7 @@ pub struct OverlayStrategy {
     inner: Arc<Inner>,
     flights: Flights,
     fallback: Option<ExtractedStrategy>,
+    quota: DiskQuota,
 }
 
 #[derive(Debug)]
@@ -36,60 +41,6 @@ struct Inner {
     home: Home,
     store: Arc<Store>,
     extractions: AtomicUsize,
-}
-
-/// The mount points listed in `/proc/self/mountinfo` (octal escapes decoded).
-fn mount_points() -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| {
-            let mut out = Vec::new();
-            let b = p.as_bytes();
-            let octal = |c: u8| (b'0'..=b'7').contains(&c).then(|| u32::from(c - b'0'));
-            let mut i = 0;
-            while i < b.len() {
-                if b[i] == b'\\' && i + 3 < b.len() {
-                    if let (Some(x), Some(y), Some(z)) =
-                        (octal(b[i + 1]), octal(b[i + 2]), octal(b[i + 3]))
-                    {
-                        out.push((x << 6 | y << 3 | z) as u8);
-                        i += 4;
-                        continue;
-                    }
-                }
-                out.push(b[i]);
-                i += 1;
-            }
-            PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
-        })
-        .collect()
-}
-
-/// Whether this process has CAP_SYS_ADMIN in its effective set (from /proc/self/status).
-fn has_cap_sys_admin() -> bool {
-    const CAP_SYS_ADMIN: u32 = 21;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
-}
-
-/// Unmount `target` (lazily when it is busy).
-fn unmount(target: &Path) -> Result<(), RootfsError> {
-    use rustix::mount::{unmount as umount, UnmountFlags};
-    match umount(target, UnmountFlags::empty()) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::BUSY) => umount(target, UnmountFlags::DETACH)
-            .map_err(|e| RootfsError::io("unmounting", target)(e.into())),
-        Err(e) => Err(RootfsError::io("unmounting", target)(e.into())),
-    }
 }
 
 impl OverlayStrategy {
@@ -106,9 +57,9 @@ impl OverlayStrategy {
             .map_err(RootfsError::io("creating", home.layers()))?;
         let boxes = std::fs::canonicalize(home.boxes())
             .map_err(RootfsError::io("opening", home.boxes()))?;
-        for point in mount_points().into_iter().filter(|p| p.starts_with(&boxes)) {
-            tracing::info!(mount = %point.display(), "unmounting a box rootfs left mounted by an earlier runtime");
-            unmount(&point)?;
+        if mount_points().iter().any(|p| p.starts_with(&boxes)) {
+            tracing::info!(boxes = %boxes.display(), "unmounting box file systems left mounted by an earlier runtime");
+            unmount_under(&boxes)?;
         }
         let fallback = if fallback_to_extracted {
             Some(ExtractedStrategy::new(home.clone(), store.clone())?)
@@ -123,7 +74,16 @@ impl OverlayStrategy {
             }),
             flights: Flights::default(),
             fallback,
+            quota: DiskQuota::Default,
         })
+    }
+
+    /// Boxes with `quota` on what their guests write (the default:
+    /// [`quota::DEFAULT_QUOTA`]); the fallback, if any, gets it too.
+    pub fn with_disk_quota(mut self, quota: DiskQuota) -> Self {
+        self.quota = quota;
+        self.fallback = self.fallback.map(|f| f.with_disk_quota(quota));
+        self
     }
 
     /// How many layers this strategy has extracted (cache misses).
@@ -203,9 +163,32 @@ impl RootfsStrategy for OverlayStrategy {
             lower.push(self.layer_dir(layer).await?);
         }
         let box_dir = self.inner.home.box_dir(req.box_id);
+        // What the guest writes goes to the upper: on the box's own file system when it
+        // has a quota.
+        let writes = match self.quota.size_for(0) {
+            Some(bytes) => {
+                let (image, rw) = (box_dir.join("quota.ext4"), box_dir.join("rw"));
+                std::fs::create_dir_all(&box_dir).map_err(RootfsError::io("creating", &box_dir))?;
+                let made =
+                    tokio::task::spawn_blocking(move || quota::mount_new(&image, &rw, bytes))
+                        .await
+                        .map_err(|e| RootfsError::Invalid {
+                            what: reference.to_string(),
+                            reason: format!("making the box's file system failed: {e}"),
+                        })?;
+                if let Err(e) = made {
+                    if unmount_under(&box_dir).is_ok() {
+                        let _ = std::fs::remove_dir_all(&box_dir);
+                    }
+                    return Err(e);
+                }
+                box_dir.join("rw")
+            }
+            None => box_dir.clone(),
+        };
         let (upper, work, target) = (
-            box_dir.join("upper"),
-            box_dir.join("work"),
+            writes.join("upper"),
+            writes.join("work"),
             box_dir.join("rootfs"),
         );
         for d in [&upper, &work, &target] {
@@ -242,7 +225,10 @@ impl RootfsStrategy for OverlayStrategy {
             Some(data_c.as_c_str()),
         );
         if let Err(e) = mounted {
-            let _ = std::fs::remove_dir_all(&box_dir);
+            // (Never removed through a mount: left in place when unmounting fails.)
+            if unmount_under(&box_dir).is_ok() {
+                let _ = std::fs::remove_dir_all(&box_dir);
+            }
             if e == rustix::io::Errno::PERM {
                 if let Some(fallback) = &self.fallback {
                     tracing::warn!("no CAP_SYS_ADMIN to mount overlayfs: falling back to the Extracted strategy");
@@ -279,19 +265,8 @@ impl RootfsStrategy for OverlayStrategy {
             return f.cleanup(rootfs).await;
         }
         let dir = box_dir_of(&self.inner.home, &rootfs.path)?;
-        let target = rootfs.path.clone();
-        let points = mount_points();
-        let canonical = std::fs::canonicalize(&target).unwrap_or(target.clone());
-        if points.contains(&canonical) {
-            unmount(&canonical)?;
-        }
-        // Never remove through a mount: only once nothing is mounted under the box.
-        if mount_points().iter().any(|p| p.starts_with(&canonical)) {
-            return Err(RootfsError::Invalid {
-                what: target.display().to_string(),
-                reason: "still mounted after unmounting; not removing it".into(),
-            });
-        }
+        // Never remove through a mount: the overlay, then the box's file system.
+        unmount_under(&dir)?;
         remove_box_dir(dir).await
     }
 }

@@ -143,3 +143,16 @@ pub(crate) async fn remove_box_dir(dir: PathBuf) -> Result<(), RootfsError> {
         reason: format!("removing it failed: {e}"),
     })?
 }
+
+/// Whether this process may mount (CAP_SYS_ADMIN in its effective set).
+pub(crate) fn has_cap_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
