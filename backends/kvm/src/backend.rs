@@ -147,6 +147,7 @@ impl Hypervisor for KvmBackend {
         // Root's ids (no capability but switching) until it has opened its files and
         // connected its sockets, then the VM's (`boxlet::jail::switch_to_vm_identity`).
         jail.run_as = launch.run_as(true);
+        jail.exec_only_program = true;
         if let Some(image) = image {
             // Named outright: inside the jail the cache's own directory checks (a private
             // temporary directory) would not hold for the path recreated around it.

@@ -365,6 +365,7 @@ impl Hypervisor for Qemu {
             let mut jail = JailSpec::new(spec.run_dir.join("jail-vsock"), binds);
             // It needs no privilege at all: the VM's identity from the start.
             jail.run_as = launch.run_as(false);
+            jail.exec_only_program = true;
             // It has no seccomp filter of its own: boxlet's (x86-64 so far).
             if cfg!(target_arch = "x86_64") {
                 jail.seccomp = Some(boxlet::jail::SeccompProfile::VhostDeviceVsock);
@@ -397,6 +398,7 @@ impl Hypervisor for Qemu {
         }
         let mut jail = JailSpec::new(spec.run_dir.join("jail-qemu"), binds);
         jail.run_as = launch.run_as(true);
+        jail.exec_only_program = true;
         let mut cmd = launch.wrap(jail, cmd).map_err(|e| start_err("qemu", e))?;
         let stderr_log = spec.run_dir.join("qemu.stderr");
         let err = std::fs::File::create(&stderr_log).map_err(|e| start_err("qemu", e))?;

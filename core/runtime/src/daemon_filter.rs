@@ -182,6 +182,30 @@ pub fn program(profile: Profile) -> Result<BpfProgram, String> {
     .map_err(|e| format!("{name}: {e}"))
 }
 
+/// A filter that fails the keyring calls (`add_key`, `request_key`, `keyctl`) with
+/// EPERM and lets everything else through (to the filters after it): every jailed
+/// program gets it.
+pub fn no_keyrings() -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for nr in [libc::SYS_add_key, libc::SYS_request_key, libc::SYS_keyctl] {
+        rules.insert(nr, Vec::new());
+    }
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(|e| e.to_string())
+}
+
+/// Put the calling thread (and what it executes) under [`no_keyrings`].
+pub fn install_no_keyrings() -> std::io::Result<()> {
+    let prog = no_keyrings().map_err(std::io::Error::other)?;
+    seccompiler::apply_filter(&prog).map_err(std::io::Error::other)
+}
+
 /// Put the calling thread (and what it executes) under `profile`'s filters.
 pub fn install(profile: Profile) -> std::io::Result<()> {
     for prog in programs(profile).map_err(std::io::Error::other)? {

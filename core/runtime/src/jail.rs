@@ -83,6 +83,11 @@ pub struct JailSpec {
     /// Whose ids the program runs with ([`RunAs`]).
     #[serde(default)]
     pub run_as: RunAs,
+    /// The program may execute no file but itself (and its ELF interpreter): a Landlock
+    /// ruleset, where the kernel has Landlock (a VMM or daemon never starts another
+    /// program; a shell run in a jail does).
+    #[serde(default)]
+    pub exec_only_program: bool,
 }
 
 /// A VM's own unprivileged user and group id, the same number ([`IdentityLease`]).
@@ -308,6 +313,7 @@ impl JailSpec {
             cgroup: None,
             seccomp: None,
             run_as: RunAs::Root,
+            exec_only_program: false,
         }
     }
 }
@@ -524,7 +530,7 @@ mod linux {
     ///   1's never is, and when PID 1 dies the kernel kills everything in the
     ///   namespace, so nothing of a jail outlives its outer process, however it ends.
     ///   It keeps CAP_KILL alone, to signal a program that runs with other ids.
-    pub fn enter(spec: &JailSpec) -> io::Result<()> {
+    pub fn enter(spec: &JailSpec, program: &Path) -> io::Result<()> {
         if let Some(cg) = &spec.cgroup {
             crate::cgroup::join(cg)?;
         }
@@ -576,7 +582,7 @@ mod linux {
                     nix::unistd::ForkResult::Parent { child } => init(child, died_w),
                     nix::unistd::ForkResult::Child => {
                         drop(died_w);
-                        confine(spec)
+                        confine(spec, program)
                     }
                 }
             }
@@ -893,11 +899,73 @@ mod linux {
         Ok(())
     }
 
+    /// Let this process (and what it executes) execute `program` and its ELF
+    /// interpreter, nothing else: a Landlock ruleset handling only execution. Where the
+    /// kernel has no Landlock this does nothing (the seccomp filters still hold).
+    fn exec_only(program: &Path) -> io::Result<()> {
+        use landlock::{
+            Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI,
+        };
+        let err = |e: landlock::RulesetError| io::Error::other(format!("landlock: {e}"));
+        let mut allowed = vec![program.to_path_buf()];
+        if let Some(interp) = elf_interpreter(program)? {
+            allowed.push(std::fs::canonicalize(&interp).unwrap_or(interp));
+        }
+        let mut ruleset = Ruleset::default()
+            .handle_access(AccessFs::from_all(ABI::V1) & AccessFs::Execute)
+            .map_err(err)?
+            .create()
+            .map_err(err)?;
+        for path in &allowed {
+            let fd = PathFd::new(path)
+                .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
+            ruleset = ruleset
+                .add_rule(PathBeneath::new(fd, AccessFs::Execute))
+                .map_err(err)?;
+        }
+        ruleset.restrict_self().map_err(err)?;
+        Ok(())
+    }
+
+    /// The interpreter (`PT_INTERP`) a 64-bit little-endian ELF names, if any.
+    fn elf_interpreter(program: &Path) -> io::Result<Option<PathBuf>> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(program)?;
+        let mut eh = [0u8; 64];
+        if f.read_at(&mut eh, 0)? < 64 || &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+            return Ok(None);
+        }
+        let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
+        let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let (phoff, phentsize, phnum) = (u64_at(&eh, 32), u16_at(&eh, 54), u16_at(&eh, 56));
+        if phentsize < 56 || phnum > 256 {
+            return Ok(None);
+        }
+        for i in 0..phnum {
+            let mut ph = [0u8; 56];
+            if f.read_at(&mut ph, phoff + i * phentsize)? < 56 {
+                return Ok(None);
+            }
+            if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == 3 {
+                let (off, size) = (u64_at(&ph, 8), u64_at(&ph, 32));
+                if size == 0 || size > 4096 {
+                    return Ok(None);
+                }
+                let mut name = vec![0u8; size as usize];
+                f.read_exact_at(&mut name, off)?;
+                let name = name.split(|&b| b == 0).next().unwrap_or_default();
+                use std::os::unix::ffi::OsStrExt;
+                return Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(name))));
+            }
+        }
+        Ok(None)
+    }
+
     /// CAP_SETGID and CAP_SETUID: what a program that switches to the VM's identity
     /// itself needs until it does.
     const SWITCH_CAPS: [u8; 2] = [6, 7];
 
-    fn confine(spec: &JailSpec) -> io::Result<()> {
+    fn confine(spec: &JailSpec, program: &Path) -> io::Result<()> {
         no_core_dumps()?;
         let mut keep_caps = spec.keep_caps.clone();
         match spec.run_as {
@@ -945,6 +1013,13 @@ mod linux {
             },
         )?;
         rustix::thread::set_no_new_privs(true)?;
+        if spec.exec_only_program {
+            exec_only(program)?;
+        }
+        // No keyring for anything jailed: a key a VM's process stores outlives it, in the
+        // keyring of its ids, which a later VM of the same slot gets.
+        #[cfg(target_arch = "x86_64")]
+        crate::daemon_filter::install_no_keyrings()?;
         if let Some(profile) = spec.seccomp {
             #[cfg(target_arch = "x86_64")]
             crate::daemon_filter::install(profile)?;

@@ -241,6 +241,7 @@ pub async fn start_virtiofsds(
         let mut jail =
             crate::jail::JailSpec::new(spec.run_dir.join(format!("jail-virtiofsd{i}")), binds);
         jail.keep_caps = crate::jail::VIRTIOFSD_CAPS.to_vec();
+        jail.exec_only_program = true;
         let cmd = virtiofsd_command(program, &share, &socket, (meta.uid(), meta.gid()));
         let cmd = launch
             .wrap(jail, cmd)

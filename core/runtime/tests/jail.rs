@@ -486,3 +486,61 @@ fn a_stop_reaches_a_program_that_runs_as_the_vms_identity() {
     outer.kill().unwrap();
     panic!("the program never got the SIGTERM");
 }
+
+/// Run the perl `script` in a jail made by `adjust` from a spec of the system's binds.
+fn perl_jailed(adjust: impl FnOnce(&mut JailSpec), script: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = JailSpec::new(dir.path().join("root"), system_binds());
+    adjust(&mut spec);
+    std::fs::create_dir_all(&spec.root).unwrap();
+    let file = dir.path().join("spec.json");
+    std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_boxlet-jail"))
+        .arg(&file)
+        .args(["/usr/bin/perl", "-e", script])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_vmm_or_daemon_may_execute_nothing_but_itself() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) only
+    // asks for the ABI version.
+    let abi = unsafe { nix::libc::syscall(444, std::ptr::null::<u8>(), 0usize, 1u32) };
+    if abi < 1 {
+        eprintln!("skipped: this kernel has no Landlock");
+        return;
+    }
+    let script = "exec(q(/usr/bin/true)) or print qq(refused: $!\\n)";
+    // perl itself runs (the program, through its ELF interpreter), and may not start
+    // another program.
+    let out = perl_jailed(|s| s.exec_only_program = true, script);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "refused: Permission denied\n",
+        "{out:?}"
+    );
+    // Without the rule the same exec runs.
+    let out = perl_jailed(|_| {}, script);
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+}
+
+#[test]
+fn nothing_jailed_reaches_a_keyring() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    // keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 0): the keyring of the ids,
+    // which outlives the process (and a VM's slot is given to later VMs).
+    let out = perl_jailed(|_| {}, "$r = syscall(250, 0, -4, 0); print qq(r=$r $!\\n)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "r=-1 Operation not permitted\n",
+        "{out:?}"
+    );
+}

@@ -13,7 +13,7 @@ fn main() {
         }
     };
     #[cfg(target_os = "linux")]
-    if let Err(e) = boxlet::jail::enter(&spec) {
+    if let Err(e) = boxlet::jail::enter(&spec, &program) {
         eprintln!("boxlet-jail: {e}");
         std::process::exit(125);
     }

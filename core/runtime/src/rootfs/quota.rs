@@ -255,10 +255,13 @@ pub(crate) fn mount_points() -> Vec<PathBuf> {
 /// Unmount `target` (lazily when it is busy).
 pub(crate) fn unmount(target: &Path) -> Result<(), RootfsError> {
     use rustix::mount::{unmount as umount, UnmountFlags};
-    match umount(target, UnmountFlags::empty()) {
+    // (Never through a symbolic link put in place of the mount point.)
+    match umount(target, UnmountFlags::NOFOLLOW) {
         Ok(()) => Ok(()),
-        Err(rustix::io::Errno::BUSY) => umount(target, UnmountFlags::DETACH)
-            .map_err(|e| RootfsError::io("unmounting", target)(e.into())),
+        Err(rustix::io::Errno::BUSY) => {
+            umount(target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW)
+                .map_err(|e| RootfsError::io("unmounting", target)(e.into()))
+        }
         Err(e) => Err(RootfsError::io("unmounting", target)(e.into())),
     }
 }
