@@ -73,14 +73,26 @@ async fn writes_stop_at_the_quota(strategy: &dyn RootfsStrategy, home: &boxlet::
     assert!(!mounts.contains(&id.to_string()), "{mounts}");
 }
 
-#[tokio::test]
-async fn an_extracted_box_writes_at_most_its_quota() {
+/// A home with the busybox image, when this runs as root (quotas need it).
+fn root_home() -> Option<(
+    tempfile::TempDir,
+    boxlet::rootfs::Home,
+    std::sync::Arc<boxlet_cas::Store>,
+)> {
     if !is_root() {
         eprintln!("skipped: disk quotas need root");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let (home, store) = boxlet_testkit::busybox_home(dir.path());
+    Some((dir, home, store))
+}
+
+#[tokio::test]
+async fn an_extracted_box_writes_at_most_its_quota() {
+    let Some((_dir, home, store)) = root_home() else {
+        return;
+    };
     let strategy = ExtractedStrategy::new(home.clone(), store)
         .unwrap()
         .with_disk_quota(DiskQuota::Bytes(QUOTA));
@@ -89,12 +101,9 @@ async fn an_extracted_box_writes_at_most_its_quota() {
 
 #[tokio::test]
 async fn an_overlay_box_writes_at_most_its_quota() {
-    if !is_root() {
-        eprintln!("skipped: disk quotas need root");
+    let Some((_dir, home, store)) = root_home() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (home, store) = boxlet_testkit::busybox_home(dir.path());
+    };
     let strategy = OverlayStrategy::new(home.clone(), store, false)
         .unwrap()
         .with_disk_quota(DiskQuota::Bytes(QUOTA));
@@ -103,12 +112,9 @@ async fn an_overlay_box_writes_at_most_its_quota() {
 
 #[tokio::test]
 async fn a_quota_too_small_for_its_file_system_is_refused_naming_it() {
-    if !is_root() {
-        eprintln!("skipped: disk quotas need root");
+    let Some((_dir, home, store)) = root_home() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (home, store) = boxlet_testkit::busybox_home(dir.path());
+    };
     let strategy = OverlayStrategy::new(home.clone(), store, false)
         .unwrap()
         .with_disk_quota(DiskQuota::Bytes(1 << 20));

@@ -167,10 +167,7 @@ impl RootfsStrategy for ExtractedStrategy {
             reason: format!("copying its tree failed: {e}"),
         })?;
         if let Err(e) = made {
-            // (Never removed through a mount: left in place when unmounting fails.)
-            if unmount_under(&box_dir).is_ok() {
-                let _ = std::fs::remove_dir_all(&box_dir);
-            }
+            quota::discard_box_dir(&box_dir);
             return Err(e);
         }
         Ok(GuestRootfs {

@@ -177,9 +177,7 @@ impl RootfsStrategy for OverlayStrategy {
                             reason: format!("making the box's file system failed: {e}"),
                         })?;
                 if let Err(e) = made {
-                    if unmount_under(&box_dir).is_ok() {
-                        let _ = std::fs::remove_dir_all(&box_dir);
-                    }
+                    quota::discard_box_dir(&box_dir);
                     return Err(e);
                 }
                 box_dir.join("rw")
@@ -225,10 +223,7 @@ impl RootfsStrategy for OverlayStrategy {
             Some(data_c.as_c_str()),
         );
         if let Err(e) = mounted {
-            // (Never removed through a mount: left in place when unmounting fails.)
-            if unmount_under(&box_dir).is_ok() {
-                let _ = std::fs::remove_dir_all(&box_dir);
-            }
+            quota::discard_box_dir(&box_dir);
             if e == rustix::io::Errno::PERM {
                 if let Some(fallback) = &self.fallback {
                     tracing::warn!("no CAP_SYS_ADMIN to mount overlayfs: falling back to the Extracted strategy");

@@ -222,6 +222,14 @@ pub(crate) fn unmount_under(dir: &Path) -> Result<(), RootfsError> {
     Ok(())
 }
 
+/// Remove what a failed prepare left of a box: its mounts, then its directory; nothing
+/// is removed when unmounting fails (never through a mount).
+pub(crate) fn discard_box_dir(box_dir: &Path) {
+    if unmount_under(box_dir).is_ok() {
+        let _ = std::fs::remove_dir_all(box_dir);
+    }
+}
+
 /// The mount points of this mount namespace (`/proc/self/mountinfo`), in mount order.
 pub(crate) fn mount_points() -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
