@@ -68,9 +68,10 @@ fn a_command_runs_in_a_box_of_each_strategy_and_the_box_goes_away() {
 
     // The image goes: `store gc` takes what the three strategies cached for it.
     let entries = |d: &str| std::fs::read_dir(home.path().join(d)).map_or(0, |e| e.count());
+    // (layers/: the image's two layers, each with its usage record)
     assert_eq!(
         (entries("images"), entries("layers"), entries("bases")),
-        (1, 2, 2)
+        (1, 4, 2)
     );
     assert!(run(home.path(), &["rmi", "busybox:1"], "").status.success());
     let gc = run(home.path(), &["store", "gc", "--json"], "");

@@ -15,7 +15,8 @@ fn entries(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |d| d.count())
 }
 
-/// (extracted trees, unpacked layers, base disk records, files in bases/)
+/// (extracted trees, entries in layers/ (each unpacked layer and its usage record), base
+/// disk records, files in bases/)
 fn caches(home: &Home, store: &Store) -> (usize, usize, usize, usize) {
     (
         entries(&home.images()),
@@ -55,8 +56,9 @@ async fn caches_of_a_removed_image_go_and_what_is_still_used_stays() {
     for s in all {
         s.ensure_cached("busybox:1").await.unwrap();
     }
-    // One tree, the image's two layers, an image disk and a base.
-    assert_eq!(caches(&home, &store), (1, 2, 2, 2));
+    // One tree, the image's two layers (each with its usage record), an image disk and a
+    // base.
+    assert_eq!(caches(&home, &store), (1, 4, 2, 2));
     let boxed = disk
         .prepare(&PrepareRequest {
             image: Some("busybox:1".into()),
@@ -102,5 +104,5 @@ async fn caches_of_a_removed_image_go_and_what_is_still_used_stays() {
     for s in all {
         s.ensure_cached("busybox:1").await.unwrap();
     }
-    assert_eq!(caches(&home, &store), (1, 2, 2, 2));
+    assert_eq!(caches(&home, &store), (1, 4, 2, 2));
 }

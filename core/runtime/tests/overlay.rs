@@ -149,3 +149,61 @@ fn without_cap_sys_admin_it_fails_clearly_or_falls_back_to_extracted() {
         "extracted"
     );
 }
+
+#[tokio::test]
+async fn an_images_bounds_hold_for_all_its_layers_together() {
+    // Each layer alone within the bound, the two together past it: refused, whether
+    // the layers are unpacked now or were for another image before.
+    let usage = |home: &Home, hex: String| -> u64 {
+        let t = std::fs::read_to_string(home.layers().join(format!("{hex}.usage"))).unwrap();
+        t.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (_dir, home, store) = setup();
+    let image = boxlet_oci::StoredImage::open(&store, "busybox:1").unwrap();
+    assert_eq!(image.layers.len(), 2);
+    let full = OverlayStrategy::new(home.clone(), store.clone(), false).unwrap();
+    full.ensure_cached("busybox:1").await.unwrap();
+    let entries: Vec<u64> = image
+        .layers
+        .iter()
+        .map(|l| usage(&home, l.diff_id.hex()))
+        .collect();
+    let bound = boxlet_oci::ApplyLimits {
+        max_entries: entries[0] + entries[1] - 1,
+        ..boxlet_oci::ApplyLimits::default()
+    };
+    assert!(
+        entries.iter().all(|&e| e > 0 && e <= bound.max_entries),
+        "{entries:?}"
+    );
+    let tight = |home: &Home, store: &Arc<Store>| {
+        OverlayStrategy::new(home.clone(), store.clone(), false)
+            .unwrap()
+            .with_image_limits(bound)
+    };
+    // Cached: the recorded usage counts.
+    let e = tight(&home, &store)
+        .ensure_cached("busybox:1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("busybox:1") && e.contains("together"), "{e}");
+    // Unpacked now: the second layer gets what the first left of the bound.
+    let (_dir2, home2, store2) = setup();
+    let e = tight(&home2, &store2)
+        .ensure_cached("busybox:1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("entries") || e.contains("bound"), "{e}");
+    // A bound the two fit in is fine.
+    OverlayStrategy::new(home2.clone(), store2.clone(), false)
+        .unwrap()
+        .with_image_limits(boxlet_oci::ApplyLimits {
+            max_entries: entries[0] + entries[1],
+            ..boxlet_oci::ApplyLimits::default()
+        })
+        .ensure_cached("busybox:1")
+        .await
+        .unwrap();
+}

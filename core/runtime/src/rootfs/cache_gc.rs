@@ -117,6 +117,8 @@ pub fn collect_caches(
             if !layers.contains(&name) {
                 report.bytes += discard_dir(&dir, &tmp)?;
                 report.layers += 1;
+                // (What OverlayMount recorded of it.)
+                let _ = std::fs::remove_file(dir.with_extension("usage"));
             }
         }
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use boxlet_cas::Store;
-use boxlet_oci::{Layer, StoredImage, Whiteouts};
+use boxlet_oci::{ApplyLimits, Layer, StoredImage, Whiteouts};
 
 use crate::rootfs::quota::{self, mount_points, unmount_under, DiskQuota};
 use crate::rootfs::shared::{
@@ -41,6 +41,27 @@ struct Inner {
     home: Home,
     store: Arc<Store>,
     extractions: AtomicUsize,
+    /// The bounds of one image, all its layers together (the ext4 builder's).
+    limits: ApplyLimits,
+}
+
+/// What an unpacked layer holds, as its application counted it: stored beside it as
+/// `layers/<hex>.usage` ("BYTES ENTRIES"), so an image's bounds hold across layers
+/// extracted for other images.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Usage {
+    bytes: u64,
+    entries: u64,
+}
+
+impl Usage {
+    fn report(&self) -> boxlet_oci::ApplyReport {
+        boxlet_oci::ApplyReport {
+            bytes: self.bytes,
+            files: self.entries,
+            ..Default::default()
+        }
+    }
 }
 
 impl OverlayStrategy {
@@ -71,6 +92,7 @@ impl OverlayStrategy {
                 home,
                 store,
                 extractions: AtomicUsize::new(0),
+                limits: ApplyLimits::default(),
             }),
             flights: Flights::default(),
             fallback,
@@ -86,17 +108,53 @@ impl OverlayStrategy {
         self
     }
 
+    /// Bounds on each image (default: the ext4 builder's, 64 GiB and 4 Mi entries, for
+    /// all of an image's layers together).
+    pub fn with_image_limits(mut self, limits: ApplyLimits) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("set before the strategy is shared")
+            .limits = limits;
+        self
+    }
+
+    /// The directories of `image`'s layers, bottom first, extracting what is missing:
+    /// within the image's bounds, all layers together.
+    async fn image_layers(&self, image: &StoredImage) -> Result<Vec<PathBuf>, RootfsError> {
+        let mut budget = self.inner.limits;
+        let mut dirs = Vec::with_capacity(image.layers.len());
+        for layer in &image.layers {
+            let (dir, usage) = self.layer_dir(layer, budget).await?;
+            if usage.bytes > budget.max_bytes || usage.entries > budget.max_entries {
+                return Err(RootfsError::Invalid {
+                    what: image.record.reference.clone(),
+                    reason: format!(
+                        "its layers together pass the bounds of an image ({} bytes, {} \
+                         entries) at layer {}",
+                        self.inner.limits.max_bytes, self.inner.limits.max_entries, layer.digest
+                    ),
+                });
+            }
+            budget = budget.after(&usage.report());
+            dirs.push(dir);
+        }
+        Ok(dirs)
+    }
+
     /// How many layers this strategy has extracted (cache misses).
     pub fn extractions(&self) -> usize {
         self.inner.extractions.load(Ordering::Relaxed)
     }
 
-    async fn layer_dir(&self, layer: &Layer) -> Result<PathBuf, RootfsError> {
+    async fn layer_dir(
+        &self,
+        layer: &Layer,
+        limits: ApplyLimits,
+    ) -> Result<(PathBuf, Usage), RootfsError> {
         let hex = layer.diff_id.hex();
         let flight = self.flights.get(&hex);
         let _once = flight.lock().await;
         let (inner, layer) = (self.inner.clone(), layer.clone());
-        tokio::task::spawn_blocking(move || inner.ensure_layer(&layer))
+        tokio::task::spawn_blocking(move || inner.ensure_layer(&layer, limits))
             .await
             .map_err(|e| RootfsError::Invalid {
                 what: hex,
@@ -108,10 +166,31 @@ impl OverlayStrategy {
 impl Inner {
     /// The layer's directory under `layers/` (extracted, staged and renamed whole, when
     /// missing).
-    fn ensure_layer(&self, layer: &Layer) -> Result<PathBuf, RootfsError> {
+    fn ensure_layer(
+        &self,
+        layer: &Layer,
+        limits: ApplyLimits,
+    ) -> Result<(PathBuf, Usage), RootfsError> {
         let dir = self.home.layers().join(layer.diff_id.hex());
+        let usage_file = dir.with_extension("usage");
         if dir.is_dir() {
-            return Ok(dir);
+            let recorded = std::fs::read_to_string(&usage_file).ok().and_then(|t| {
+                let (b, e) = t.trim().split_once(' ')?;
+                Some(Usage {
+                    bytes: b.parse().ok()?,
+                    entries: e.parse().ok()?,
+                })
+            });
+            // Layers unpacked before usage was recorded: counted once now.
+            let usage = match recorded {
+                Some(u) => u,
+                None => {
+                    let u = count_tree(&dir);
+                    write_usage(&usage_file, u)?;
+                    u
+                }
+            };
+            return Ok((dir, usage));
         }
         let stage = tempfile::Builder::new()
             .prefix("layer-")
@@ -119,12 +198,49 @@ impl Inner {
             .map_err(RootfsError::io("staging in", self.home.tmp()))?;
         let staged = stage.path().join("tree");
         std::fs::create_dir(&staged).map_err(RootfsError::io("creating", &staged))?;
-        let opts = cache_apply_options(Whiteouts::Overlay);
-        boxlet_oci::apply_stored_layer(&self.store, layer, &staged, &opts)?;
+        let mut opts = cache_apply_options(Whiteouts::Overlay);
+        opts.limits = limits;
+        let report = boxlet_oci::apply_stored_layer(&self.store, layer, &staged, &opts)?;
         self.extractions.fetch_add(1, Ordering::Relaxed);
+        let usage = Usage {
+            bytes: report.bytes,
+            entries: report.entries(),
+        };
+        write_usage(&usage_file, usage)?;
         install_staged_dir(&staged, &dir)?;
-        Ok(dir)
+        Ok((dir, usage))
     }
+}
+
+/// Record `usage` at `path` (written aside and renamed: whole or absent).
+fn write_usage(path: &std::path::Path, usage: Usage) -> Result<(), RootfsError> {
+    let tmp = path.with_extension("usage.tmp");
+    std::fs::write(&tmp, format!("{} {}\n", usage.bytes, usage.entries))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(RootfsError::io("recording the usage of", path))
+}
+
+/// File bytes and entries under `dir` (on its file system; links not followed).
+fn count_tree(dir: &std::path::Path) -> Usage {
+    let mut usage = Usage::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            usage.entries += 1;
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                usage.bytes += m.len();
+            }
+        }
+    }
+    usage
 }
 
 #[async_trait]
@@ -135,10 +251,7 @@ impl RootfsStrategy for OverlayStrategy {
 
     async fn ensure_cached(&self, image: &str) -> Result<(), RootfsError> {
         let image = StoredImage::open(&self.inner.store, image)?;
-        for layer in &image.layers {
-            self.layer_dir(layer).await?;
-        }
-        Ok(())
+        self.image_layers(&image).await.map(drop)
     }
 
     async fn prepare(&self, req: &PrepareRequest) -> Result<GuestRootfs, RootfsError> {
@@ -158,10 +271,9 @@ impl RootfsStrategy for OverlayStrategy {
                     .into(),
             });
         }
-        let mut lower = Vec::with_capacity(image.layers.len());
-        for layer in image.layers.iter().rev() {
-            lower.push(self.layer_dir(layer).await?);
-        }
+        // overlayfs takes the top layer first.
+        let mut lower = self.image_layers(&image).await?;
+        lower.reverse();
         let box_dir = self.inner.home.box_dir(req.box_id);
         // What the guest writes goes to the upper: on the box's own file system when it
         // has a quota.
