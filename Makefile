@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_TIME ?= 20
 
-.PHONY: all build setup test test-nested demo lint bench bench-ext4 bench-vm bench-images fuzz-smoke corpus clean
+.PHONY: all build setup test test-rootless test-nested demo lint bench bench-ext4 bench-vm bench-images fuzz-smoke corpus clean
 
 all: build
 
@@ -15,6 +15,10 @@ setup:
 
 test: setup
 	CARGO=$(CARGO) bash scripts/test.sh
+
+# The jail tests, the QEMU box suite and `boxlet run` as an ordinary user (rootless).
+test-rootless: setup
+	CARGO=$(CARGO) bash scripts/test-rootless.sh
 
 # The KVM backend's tests inside the nested test machine (L1 under TCG with emulated SVM).
 test-nested: setup

@@ -61,7 +61,7 @@ fn daemon(dir: &Path, run: &Path) -> Daemon {
         ids: boxlet::ShareIds::Host,
     };
     let child = rt.block_on(async {
-        let cmd = virtiofsd_command(&virtiofsd(), &share, &socket, (0, 0));
+        let cmd = virtiofsd_command(&virtiofsd(), &share, &socket, None);
         start_daemon(
             "test",
             "virtiofsd",

@@ -87,14 +87,51 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            // One line: the outermost context, then each cause.
-            let mut msg = e.to_string();
-            for cause in e.chain().skip(1) {
-                msg.push_str(": ");
-                msg.push_str(&cause.to_string());
-            }
-            eprintln!("boxlet: {msg}");
+            eprintln!("boxlet: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error on one line: the outermost context, then each cause the message before it
+/// does not already end with (most of boxlet's errors name their source themselves).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !msg.ends_with(&cause) {
+            msg.push_str(": ");
+            msg.push_str(&cause);
+        }
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        // A message that already ends with its source's (as boxlet's errors do).
+        #[derive(Debug)]
+        struct Named(std::io::Error);
+        impl std::fmt::Display for Named {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "reading /x/oci-layout: {}", self.0)
+            }
+        }
+        impl std::error::Error for Named {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Named(io)).context("importing /x");
+        assert_eq!(
+            super::one_line(&e),
+            "importing /x: reading /x/oci-layout: no such file"
+        );
+        // A context without its cause's words gets them.
+        let e = anyhow::anyhow!("disk full").context("writing the box");
+        assert_eq!(super::one_line(&e), "writing the box: disk full");
     }
 }

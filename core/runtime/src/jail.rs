@@ -6,12 +6,13 @@
 //! capability but the ones the program needs dropped from its bounding set, no new
 //! privileges, no core dumps; then it runs PROGRAM.
 //!
-//! The launcher is shared: [`jailed`] turns a spec and a program into the command a
-//! backend spawns, so QEMU, `virtiofsd` and `vhost-device-vsock` (and, next, boxlet-vmm
-//! and the network daemons) are confined the same way. It needs root today (mounting and
-//! unsharing); a user namespace for rootless boxlet is still to come, and without root the
-//! launcher says so rather than running the program unconfined. `BOXLET_JAIL=off` turns
-//! it off explicitly (with a warning).
+//! The launcher is shared: [`Jailer::wrap`] turns a spec and a program into the command
+//! a backend spawns, so boxlet-vmm, QEMU, `virtiofsd` and `vhost-device-vsock` (and,
+//! next, the network daemons) are confined the same way. As root each VM's programs run
+//! as the VM's own ids ([`IdentityLease`]); as an ordinary user ([`Jailer::Rootless`])
+//! each jail sits in a user namespace of its own that maps only the caller's ids, and a
+//! host that allows no such namespace gets a clear error, not a program run unconfined.
+//! `BOXLET_JAIL=off` turns the jail off explicitly (with a warning).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -119,6 +120,9 @@ pub enum RunAs {
     /// [`switch_to_vm_identity`]): it starts as root with the VM's group and only
     /// CAP_SETUID and CAP_SETGID (and its `keep_caps`), which the switch loses.
     VmAfterSetup(Identity),
+    /// The ids of the user who started the jail, with no capability: what a rootless
+    /// jail ([`Jailer::Rootless`]) runs a VM's programs as, having no other ids to give.
+    Caller,
 }
 
 /// Where a program told to switch itself ([`RunAs::VmAfterSetup`]) finds its identity:
@@ -207,6 +211,21 @@ impl IdentityLease {
 /// switch late included (they carry the VM's group), may use it; nobody else. Nothing is
 /// followed: a symbolic link in it changes owner itself.
 pub fn hand_over(dir: &Path, who: Identity) -> io::Result<()> {
+    give_dir(dir, who.id, who.id, 0o770)
+}
+
+/// [`hand_over`] for a rootless jail, whose programs run as the caller: `dir` (made if
+/// missing) and what is directly in it the caller's, mode 0700, nothing followed.
+pub fn keep_private(dir: &Path) -> io::Result<()> {
+    give_dir(
+        dir,
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+        0o700,
+    )
+}
+
+fn give_dir(dir: &Path, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
     use rustix::fs::{AtFlags, Mode, OFlags};
     let ctx = |e: rustix::io::Errno| {
         io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", dir.display()))
@@ -223,11 +242,11 @@ pub fn hand_over(dir: &Path, who: Identity) -> io::Result<()> {
     )
     .map_err(ctx)?;
     let (uid, gid) = (
-        rustix::fs::Uid::from_raw(who.id),
-        rustix::fs::Gid::from_raw(who.id),
+        rustix::fs::Uid::from_raw(uid),
+        rustix::fs::Gid::from_raw(gid),
     );
     rustix::fs::fchown(&fd, Some(uid), Some(gid)).map_err(ctx)?;
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o770)).map_err(ctx)?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(ctx)?;
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         rustix::fs::chownat(&fd, &name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
@@ -408,30 +427,32 @@ pub fn find_jail() -> Option<PathBuf> {
 /// How processes of VMs are confined here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Jailer {
-    /// Through the `boxlet-jail` helper at this path.
+    /// Through the `boxlet-jail` helper at this path, as root: each VM's programs under
+    /// the VM's own identity ([`IdentityLease`]), in its cgroup.
     Helper(PathBuf),
+    /// Through the helper, as an ordinary user: each jail in a user namespace of its own
+    /// that maps only the caller's ids (root in it for a daemon that keeps capabilities,
+    /// the caller's own ids for the rest, [`RunAs::Caller`]). No VM identities (there are
+    /// no other ids to give) and no cgroup unless one is delegated.
+    Rootless(PathBuf),
     /// Not at all: `BOXLET_JAIL=off`.
     Off,
 }
 
+/// The argument that makes `boxlet-jail` check, and say, whether this user may make the
+/// namespaces of a rootless jail ([`probe_rootless`]).
+pub const PROBE_ARG: &str = "--probe-rootless";
+
 impl Jailer {
-    /// The jailer of this host: the helper, or an error saying why there is none (not
-    /// root, helper missing); `BOXLET_JAIL=off` turns confinement off, loudly.
+    /// The jailer of this host: the helper (rootless when this process is not root, if
+    /// the host lets ordinary users make user namespaces), or an error saying why there
+    /// is none; `BOXLET_JAIL=off` turns confinement off, loudly.
     pub fn new(backend: &'static str) -> Result<Jailer, HypervisorError> {
         if std::env::var_os("BOXLET_JAIL").is_some_and(|v| v == "off") {
             tracing::warn!(
                 "BOXLET_JAIL=off: VMM processes run unconfined, with this process's privileges"
             );
             return Ok(Jailer::Off);
-        }
-        if !rustix::process::geteuid().is_root() {
-            return Err(HypervisorError::Unavailable {
-                backend,
-                reason: "confining the VMM needs root (mount and PID namespaces); rootless \
-                         jails are not built yet"
-                    .into(),
-                alternative: "run as root, or set BOXLET_JAIL=off to run VMs unconfined".into(),
-            });
         }
         let helper = find_jail().ok_or(HypervisorError::MissingProgram {
             backend,
@@ -440,14 +461,50 @@ impl Jailer {
                    BOXLET_JAIL to its path"
                 .into(),
         })?;
-        Ok(Jailer::Helper(helper))
+        if rustix::process::geteuid().is_root() {
+            return Ok(Jailer::Helper(helper));
+        }
+        // Asked once per process: the answer does not change while it runs.
+        static ROOTLESS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+        let probe = ROOTLESS.get_or_init(|| {
+            let out = std::process::Command::new(&helper)
+                .arg(PROBE_ARG)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| format!("{}: {e}", helper.display()))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr)
+                    .trim()
+                    .trim_start_matches("boxlet-jail: ")
+                    .to_string())
+            }
+        });
+        match probe {
+            Ok(()) => Ok(Jailer::Rootless(helper)),
+            Err(reason) => Err(HypervisorError::Unavailable {
+                backend,
+                reason: format!("confining the VMM without root needs a user namespace: {reason}"),
+                alternative: "run as root, let ordinary users make user namespaces (sysctl \
+                              user.max_user_namespaces, and kernel.unprivileged_userns_clone \
+                              or kernel.apparmor_restrict_unprivileged_userns where the kernel \
+                              has them), or set BOXLET_JAIL=off to run VMs unconfined"
+                    .into(),
+            }),
+        }
+    }
+
+    /// Whether jails are made without root ([`Jailer::Rootless`]).
+    pub fn rootless(&self) -> bool {
+        matches!(self, Jailer::Rootless(_))
     }
 
     /// `cmd` (a program with its arguments, as [`crate::process::owned`] makes it) run
     /// confined by `spec` instead: `boxlet-jail SPEC PROGRAM ARGS...`, the spec written
     /// beside `spec.root`, the program itself bound in. Unchanged when the jail is off.
     pub fn wrap(&self, mut spec: JailSpec, cmd: Command) -> io::Result<Command> {
-        let Jailer::Helper(helper) = self else {
+        let (Jailer::Helper(helper) | Jailer::Rootless(helper)) = self else {
             return Ok(cmd);
         };
         let program = std::fs::canonicalize(cmd.as_std().get_program())?;
@@ -506,7 +563,7 @@ pub fn parse_args(
 }
 
 #[cfg(target_os = "linux")]
-pub use linux::enter;
+pub use linux::{enter, probe_rootless};
 
 #[cfg(target_os = "linux")]
 mod linux {
@@ -530,18 +587,22 @@ mod linux {
     ///   1's never is, and when PID 1 dies the kernel kills everything in the
     ///   namespace, so nothing of a jail outlives its outer process, however it ends.
     ///   It keeps CAP_KILL alone, to signal a program that runs with other ids.
+    ///
+    /// Without root, a user namespace comes first, mapping only the caller's ids: to root
+    /// in it for a program run as [`RunAs::Root`] (a daemon keeping capabilities, which
+    /// then hold over the jail's namespaces only), to themselves for [`RunAs::Caller`].
     pub fn enter(spec: &JailSpec, program: &Path) -> io::Result<()> {
         if let Some(cg) = &spec.cgroup {
             crate::cgroup::join(cg)?;
         }
-        let flags = UnshareFlags::NEWNS
-            | UnshareFlags::NEWPID
-            | UnshareFlags::NEWIPC
-            | UnshareFlags::NEWUTS
-            | UnshareFlags::NEWNET;
-        // SAFETY: the flags do not include FILES, the one that can hide descriptors from
-        // other threads (and boxlet-jail has no other threads).
-        unsafe { rustix::thread::unshare_unsafe(flags) }?;
+        let rootless = !rustix::process::geteuid().is_root();
+        if rootless {
+            unshare_rootless(spec.run_as)?;
+        } else {
+            // SAFETY: the flags do not include FILES, the one that can hide descriptors
+            // from other threads (and boxlet-jail has no other threads).
+            unsafe { rustix::thread::unshare_unsafe(JAIL_NAMESPACES) }?;
+        }
         // The parent holds the write end for its whole life: the child knows it is gone
         // when the pipe reads as ended.
         let (alive_r, alive_w) = io::pipe()?;
@@ -587,6 +648,62 @@ mod linux {
                 }
             }
         }
+    }
+
+    const JAIL_NAMESPACES: UnshareFlags = UnshareFlags::NEWNS
+        .union(UnshareFlags::NEWPID)
+        .union(UnshareFlags::NEWIPC)
+        .union(UnshareFlags::NEWUTS)
+        .union(UnshareFlags::NEWNET);
+
+    /// The jail's namespaces under a new user namespace owned by this (unprivileged)
+    /// user, whose ids it maps (and nothing else): to root for a program run as
+    /// [`RunAs::Root`], to themselves for [`RunAs::Caller`]. The supplementary groups
+    /// stay as they were (an unprivileged user may not change them; `/dev/kvm` is often
+    /// open to a group).
+    fn unshare_rootless(run_as: RunAs) -> io::Result<()> {
+        let (uid, gid) = (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        );
+        let (in_uid, in_gid) = match run_as {
+            RunAs::Root => (0, 0),
+            RunAs::Caller => (uid, gid),
+            RunAs::Vm(_) | RunAs::VmAfterSetup(_) => {
+                return Err(io::Error::other(
+                    "a rootless jail has no VM identity to run a program as (run as root \
+                     for one)",
+                ))
+            }
+        };
+        // SAFETY: as in `enter`: no FILES, and a single thread (which NEWUSER needs too).
+        unsafe { rustix::thread::unshare_unsafe(JAIL_NAMESPACES | UnshareFlags::NEWUSER) }
+            .map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("making a user namespace as uid {uid}: {e}"),
+                )
+            })?;
+        let write = |file: &str, text: String| {
+            std::fs::write(file, text).map_err(|e| io::Error::new(e.kind(), format!("{file}: {e}")))
+        };
+        write("/proc/self/setgroups", "deny".into())?;
+        write("/proc/self/gid_map", format!("{in_gid} {gid} 1\n"))?;
+        write("/proc/self/uid_map", format!("{in_uid} {uid} 1\n"))?;
+        Ok(())
+    }
+
+    /// Whether this user may make what a rootless jail is made of: a user namespace with
+    /// the jail's namespaces under it, its ids mapped, a private mount tree. Run by
+    /// `boxlet-jail --probe-rootless` (the namespaces go with its process).
+    pub fn probe_rootless() -> io::Result<()> {
+        unshare_rootless(RunAs::Caller)?;
+        mount_change(
+            "/",
+            MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+        )
+        .map_err(|e| io::Error::other(format!("making / private in it: {e}")))?;
+        Ok(())
     }
 
     /// CAP_KILL: what the jail's init keeps, to pass signals on to a program that runs
@@ -842,7 +959,7 @@ mod linux {
             let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
             mount_bind(by_fd.as_str(), &target).map_err(ctx("binding", &bind.path))?;
             drop(fd);
-            let mut flags = MountFlags::BIND | MountFlags::NOSUID;
+            let mut flags = MountFlags::BIND | MountFlags::NOSUID | kept_flags(&target)?;
             if !bind.writable {
                 flags |= MountFlags::RDONLY;
             }
@@ -865,6 +982,36 @@ mod linux {
         )
         .map_err(ctx("sealing", Path::new("/")))?;
         Ok(())
+    }
+
+    /// What a bind at `target` keeps of the mount it came from when it is made stricter:
+    /// read-only, no-exec and the access-time rule. In a user namespace the kernel refuses
+    /// a remount that would clear them (they are locked); as root, keeping them keeps the
+    /// host's intent (a bind never becomes laxer than its source).
+    fn kept_flags(target: &Path) -> io::Result<MountFlags> {
+        use rustix::fs::StatVfsMountFlags as S;
+        let have = rustix::fs::statvfs(target)
+            .map_err(|e| io::Error::other(format!("{}: {e}", target.display())))?
+            .f_flag;
+        let mut keep = MountFlags::empty();
+        for (st, mf) in [
+            (S::RDONLY, MountFlags::RDONLY),
+            (S::NOEXEC, MountFlags::NOEXEC),
+            (S::NODEV, MountFlags::NODEV),
+            (S::NODIRATIME, MountFlags::NODIRATIME),
+        ] {
+            if have.contains(st) {
+                keep |= mf;
+            }
+        }
+        keep |= if have.contains(S::NOATIME) {
+            MountFlags::NOATIME
+        } else if have.contains(S::RELATIME) {
+            MountFlags::RELATIME
+        } else {
+            MountFlags::STRICTATIME
+        };
+        Ok(keep)
     }
 
     /// Capabilities down to `keep_caps`, no new privileges, no core dumps.
@@ -965,8 +1112,37 @@ mod linux {
     /// itself needs until it does.
     const SWITCH_CAPS: [u8; 2] = [6, 7];
 
+    /// The most files a jailed program may hold open (a guest that makes its VMM or a
+    /// daemon open a descriptor per connection meets EMFILE there, not the host's
+    /// limits). virtiofsd may raise its own (it keeps CAP_SYS_RESOURCE to serve files).
+    pub(super) const MAX_OPEN_FILES: u64 = 65536;
+
+    /// The most processes and threads a VM identity may have: its ids are this VM's
+    /// alone, so this bounds the VM's tasks where no cgroup does (a host without cgroup
+    /// v2). Not set for a rootless jail, whose caller's other processes would count.
+    pub(super) const MAX_VM_TASKS: u64 = 4096;
+
+    /// Lower `resource`'s limits to at most `ceiling` (never raise them).
+    fn cap_limit(resource: rustix::process::Resource, ceiling: u64) -> io::Result<()> {
+        let now = rustix::process::getrlimit(resource);
+        let hard = now.maximum.map_or(ceiling, |h| h.min(ceiling));
+        let soft = now.current.map_or(hard, |s| s.min(hard));
+        rustix::process::setrlimit(
+            resource,
+            rustix::process::Rlimit {
+                current: Some(soft),
+                maximum: Some(hard),
+            },
+        )?;
+        Ok(())
+    }
+
     fn confine(spec: &JailSpec, program: &Path) -> io::Result<()> {
         no_core_dumps()?;
+        cap_limit(rustix::process::Resource::Nofile, MAX_OPEN_FILES)?;
+        if matches!(spec.run_as, RunAs::Vm(_) | RunAs::VmAfterSetup(_)) {
+            cap_limit(rustix::process::Resource::Nproc, MAX_VM_TASKS)?;
+        }
         let mut keep_caps = spec.keep_caps.clone();
         match spec.run_as {
             RunAs::Root => {}
@@ -976,6 +1152,12 @@ mod linux {
                 ))
             }
             RunAs::Vm(_) => {}
+            RunAs::Caller if !keep_caps.is_empty() => {
+                return Err(io::Error::other(
+                    "a program run as the caller in a jail keeps no capability",
+                ))
+            }
+            RunAs::Caller => {}
             RunAs::VmAfterSetup(who) => {
                 keep_caps.extend(SWITCH_CAPS);
                 // Its group now, so what the VM's processes made (mode 0770 under the
@@ -983,9 +1165,16 @@ mod linux {
                 nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(who.id)])?;
             }
         }
-        if spec.run_as != RunAs::Root {
+        match spec.run_as {
+            RunAs::Root => {}
             // Sockets and files the VM's processes make are theirs and their group's.
-            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
+            RunAs::Vm(_) | RunAs::VmAfterSetup(_) => {
+                rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
+            }
+            // The caller's alone.
+            RunAs::Caller => {
+                rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+            }
         }
         drop_bounding_set_but(&keep_caps)?;
         // What the program starts with is the bounding set only: nothing inherited,

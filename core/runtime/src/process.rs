@@ -31,7 +31,8 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 /// else `name` beside this executable (or in its parent directory, for test binaries
 /// under `target/*/deps`), else in `PATH`.
 pub fn find_helper(var: &str, name: &str) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(var) {
+    // Set but empty is unset (a script passing on a variable it does not have).
+    if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
     let exe = std::env::current_exe().ok()?;
@@ -149,14 +150,15 @@ pub const GUEST_XATTR_PREFIX: &str = "user.virtiofs.";
 /// A `virtiofsd` serving `share` on `socket`: chrooted into the shared directory, file
 /// handles off (they need CAP_DAC_READ_SEARCH on the host), extended attributes on but
 /// mapped under [`GUEST_XATTR_PREFIX`], without CAP_MKNOD and CAP_SETFCAP (a guest makes no device
-/// node on the host), guest ids translated by [`ShareSpec::ids`] (`owner` is the
-/// directory's owner, for [`ShareIds::Host`]), read-only when the share is, caching
-/// everything when the share is exclusive.
+/// node on the host), guest ids translated by [`ShareSpec::ids`] (for [`ShareIds::Host`],
+/// every guest id becomes `squash_to`, the directory's owner as the daemon sees it, when
+/// there is one), read-only when the share is, caching everything when the share is
+/// exclusive.
 pub fn virtiofsd_command(
     program: &Path,
     share: &ShareSpec,
     socket: &Path,
-    owner: (u32, u32),
+    squash_to: Option<(u32, u32)>,
 ) -> Command {
     let mut cmd = owned(program);
     cmd.arg(format!("--socket-path={}", socket.display()))
@@ -170,8 +172,8 @@ pub fn virtiofsd_command(
         .args(["--inode-file-handles=never", "--xattr"])
         .arg(format!("--xattrmap=:map::{GUEST_XATTR_PREFIX}:"))
         .arg("--modcaps=-mknod:-setfcap");
-    match share.ids {
-        ShareIds::Shifted { base } => {
+    match (share.ids, squash_to) {
+        (ShareIds::Shifted { base }, _) => {
             // Guest ids past the range would pass through as the same host ids (real
             // users'): refused.
             cmd.arg(format!("--translate-uid=map:0:{base}:65536"))
@@ -180,17 +182,11 @@ pub fn virtiofsd_command(
                 .arg("--translate-gid=forbid-guest:65536:4294901759");
         }
         // What the guest makes is the owner's, whoever it is in the guest.
-        ShareIds::Host if owner.0 != 0 => {
-            cmd.arg(format!(
-                "--translate-uid=squash-guest:0:{}:4294967295",
-                owner.0
-            ))
-            .arg(format!(
-                "--translate-gid=squash-guest:0:{}:4294967295",
-                owner.1
-            ));
+        (ShareIds::Host, Some((uid, gid))) => {
+            cmd.arg(format!("--translate-uid=squash-guest:0:{uid}:4294967295"))
+                .arg(format!("--translate-gid=squash-guest:0:{gid}:4294967295"));
         }
-        ShareIds::Host => {}
+        (ShareIds::Host, None) => {}
     }
     if share.read_only {
         cmd.arg("--readonly");
@@ -242,7 +238,7 @@ pub async fn start_virtiofsds(
             crate::jail::JailSpec::new(spec.run_dir.join(format!("jail-virtiofsd{i}")), binds);
         jail.keep_caps = crate::jail::VIRTIOFSD_CAPS.to_vec();
         jail.exec_only_program = true;
-        let cmd = virtiofsd_command(program, &share, &socket, (meta.uid(), meta.gid()));
+        let cmd = virtiofsd_command(program, &share, &socket, launch.squash_to(&meta));
         let cmd = launch
             .wrap(jail, cmd)
             .map_err(|e| refused(format!("preparing its jail: {e}")))?;
@@ -288,10 +284,18 @@ impl VmLaunch {
             what: what.into(),
             msg: e.to_string(),
         };
-        let identity =
-            crate::jail::IdentityLease::take().map_err(|e| failed("the VM's identity", e))?;
-        crate::jail::hand_over(&vm_dir(&spec.run_dir), identity.identity())
-            .map_err(|e| failed("the VM's identity", e))?;
+        let identity = if jailer.rootless() {
+            // No ids but the caller's: the VM's directory is theirs alone.
+            crate::jail::keep_private(&vm_dir(&spec.run_dir))
+                .map_err(|e| failed("the VM's directory", e))?;
+            None
+        } else {
+            let lease =
+                crate::jail::IdentityLease::take().map_err(|e| failed("the VM's identity", e))?;
+            crate::jail::hand_over(&vm_dir(&spec.run_dir), lease.identity())
+                .map_err(|e| failed("the VM's identity", e))?;
+            Some(lease)
+        };
         let parent = match crate::cgroup::parent() {
             Ok(p) => p,
             Err(reason) if spec.limits.explicit() => {
@@ -311,7 +315,7 @@ impl VmLaunch {
                 return Ok(Self {
                     jailer,
                     cgroup: None,
-                    identity: Some(identity),
+                    identity,
                 });
             }
         };
@@ -326,7 +330,7 @@ impl VmLaunch {
         Ok(Self {
             jailer,
             cgroup: Some(cgroup),
-            identity: Some(identity),
+            identity,
         })
     }
 
@@ -337,13 +341,26 @@ impl VmLaunch {
 
     /// How a program of this VM that needs no privilege runs: as the VM's identity,
     /// switched to by the jail, or (`after_setup`) by the program itself once it has
-    /// opened its files ([`crate::jail::RunAs`]). Root's when the jail is off.
+    /// opened its files ([`crate::jail::RunAs`]); in a rootless jail as the caller,
+    /// without capabilities. Unchanged ids when the jail is off.
     pub fn run_as(&self, after_setup: bool) -> crate::jail::RunAs {
         match self.identity() {
+            None if self.jailer.rootless() => crate::jail::RunAs::Caller,
             None => crate::jail::RunAs::Root,
             Some(who) if after_setup => crate::jail::RunAs::VmAfterSetup(who),
             Some(who) => crate::jail::RunAs::Vm(who),
         }
+    }
+
+    /// Whom a `virtiofsd` of this VM serving a directory with `meta` stores every guest
+    /// id as ([`virtiofsd_command`]): the directory's owner unless that is root (then
+    /// the guest's ids pass through: root's daemon may store any); in a rootless jail,
+    /// root in the daemon's user namespace, which is the caller outside.
+    pub fn squash_to(&self, meta: &std::fs::Metadata) -> Option<(u32, u32)> {
+        if self.jailer.rootless() {
+            return Some((0, 0));
+        }
+        (meta.uid() != 0).then(|| (meta.uid(), meta.gid()))
     }
 
     /// `cmd` confined by `jail`, in the VM's cgroup ([`crate::jail::Jailer::wrap`]).
@@ -601,7 +618,7 @@ impl Drop for MonitoredVm {
 mod tests {
     use super::*;
 
-    fn args(share: &ShareSpec, owner: (u32, u32)) -> Vec<String> {
+    fn args(share: &ShareSpec, owner: Option<(u32, u32)>) -> Vec<String> {
         let cmd = virtiofsd_command(Path::new("virtiofsd"), share, Path::new("/run/s"), owner);
         cmd.as_std()
             .get_args()
@@ -651,12 +668,12 @@ mod tests {
 
     #[test]
     fn only_an_exclusive_share_lets_the_guest_cache_everything() {
-        let shared = args(&share(false, false, ShareIds::Host), (0, 0));
+        let shared = args(&share(false, false, ShareIds::Host), None);
         assert!(shared.contains(&"--cache=auto".to_string()), "{shared:?}");
         assert!(!shared
             .iter()
             .any(|a| a == "--cache=always" || a == "--readonly"));
-        let own = args(&share(true, true, ShareIds::Host), (0, 0));
+        let own = args(&share(true, true, ShareIds::Host), None);
         assert!(own.contains(&"--cache=always".to_string()), "{own:?}");
         assert!(own.contains(&"--readonly".to_string()), "{own:?}");
         assert!(!own.contains(&"--cache=auto".to_string()));
@@ -670,7 +687,7 @@ mod tests {
     #[test]
     fn no_share_lets_the_guest_make_devices_capabilities_or_host_xattrs() {
         for ids in [ShareIds::Host, ShareIds::Shifted { base: 1 << 30 }] {
-            let a = args(&share(false, false, ids), (0, 0));
+            let a = args(&share(false, false, ids), None);
             assert!(
                 a.contains(&"--modcaps=-mknod:-setfcap".to_string()),
                 "{a:?}"
@@ -686,15 +703,15 @@ mod tests {
     fn guest_ids_land_in_the_shifted_range_or_on_the_directory_owner() {
         let shifted = args(
             &share(true, false, ShareIds::Shifted { base: 1 << 30 }),
-            (0, 0),
+            Some((0, 0)),
         );
         assert!(shifted.contains(&"--translate-uid=map:0:1073741824:65536".to_string()));
         assert!(shifted.contains(&"--translate-gid=map:0:1073741824:65536".to_string()));
         assert!(shifted.contains(&"--translate-uid=forbid-guest:65536:4294901759".to_string()));
-        let users = args(&share(false, false, ShareIds::Host), (1000, 100));
+        let users = args(&share(false, false, ShareIds::Host), Some((1000, 100)));
         assert!(users.contains(&"--translate-uid=squash-guest:0:1000:4294967295".to_string()));
         assert!(users.contains(&"--translate-gid=squash-guest:0:100:4294967295".to_string()));
-        let roots = args(&share(false, false, ShareIds::Host), (0, 0));
+        let roots = args(&share(false, false, ShareIds::Host), None);
         assert!(
             !roots.iter().any(|a| a.starts_with("--translate")),
             "{roots:?}"

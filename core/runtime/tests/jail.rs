@@ -27,15 +27,61 @@ fn run_jailed(dir: &Path, binds: Vec<Bind>, args: &[&std::ffi::OsStr]) -> std::p
     jail_command(dir, binds).args(args).output().unwrap()
 }
 
-/// Run `script` with /bin/sh in a jail holding `dir` (writable) and `ro` (read-only).
-fn jailed(dir: &Path, ro: &Path, script: &str) -> std::process::Output {
+/// Run `script` with /bin/sh in a jail holding `dir` (writable) and `ro` (read-only),
+/// made by `user` (this process's user when `None`).
+fn jailed(dir: &Path, ro: &Path, user: Option<u32>, script: &str) -> std::process::Output {
     let mut binds = system_binds();
     binds.push(Bind::rw(dir));
     binds.push(Bind::ro(ro));
-    let args = ["/bin/sh", "-c", script, "sh"].map(std::ffi::OsStr::new);
-    let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
-    all.extend([dir.as_os_str(), ro.as_os_str()]);
-    run_jailed(dir, binds, &all)
+    let mut cmd = jail_command(dir, binds);
+    cmd.args(["/bin/sh", "-c", script, "sh"]).args([dir, ro]);
+    if let Some(uid) = user {
+        give_to(dir, uid);
+        give_to(ro, uid);
+        std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+        std::os::unix::process::CommandExt::gid(&mut cmd, uid);
+    }
+    cmd.output().unwrap()
+}
+
+/// An id no account on a test host has: what root's tests drop to, to make a jail as
+/// an ordinary user would.
+const ORDINARY_USER: u32 = 61_777;
+
+/// `dir` and what is in it, owned by `uid`.
+fn give_to(dir: &Path, uid: u32) {
+    for entry in walk(dir) {
+        std::os::unix::fs::lchown(&entry, Some(uid), Some(uid)).unwrap();
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut all = vec![dir.to_path_buf()];
+    if dir.is_dir() && !dir.is_symlink() {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            all.extend(walk(&e.path()));
+        }
+    }
+    all
+}
+
+/// Whether this host lets an ordinary user make a rootless jail; says why not if it
+/// does not (the rootless tests then skip).
+fn rootless_jails_allowed() -> bool {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_boxlet-jail"));
+    cmd.arg(boxlet::jail::PROBE_ARG);
+    if is_root() {
+        std::os::unix::process::CommandExt::uid(&mut cmd, ORDINARY_USER);
+        std::os::unix::process::CommandExt::gid(&mut cmd, ORDINARY_USER);
+    }
+    let out = cmd.output().unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "skipped: this host makes no rootless jail: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
 }
 
 #[test]
@@ -44,12 +90,26 @@ fn a_jailed_process_sees_only_what_it_was_given_and_holds_no_capability() {
         eprintln!("skipped: the jail needs root");
         return;
     }
+    sees_only_what_it_was_given(None);
+}
+
+#[test]
+fn a_rootless_jail_holds_as_the_rooted_one_does() {
+    if !rootless_jails_allowed() {
+        return;
+    }
+    // Root's test drops to an ordinary user; an ordinary user's runs as itself.
+    sees_only_what_it_was_given(is_root().then_some(ORDINARY_USER));
+}
+
+fn sees_only_what_it_was_given(user: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
     let ro = tempfile::tempdir().unwrap();
     std::fs::write(ro.path().join("given"), b"ro").unwrap();
     let out = jailed(
         dir.path(),
         ro.path(),
+        user,
         "echo pids: $(ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '); \
          echo root: $(ls -A / | tr '\\n' ' '); \
          grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status; \
@@ -221,19 +281,7 @@ fn a_wrapped_command_keeps_the_environment_it_was_given() {
 /// Run `script` with /bin/sh through [`boxlet::jail::Jailer::wrap`] in a jail running
 /// as `run_as`, with `dir` writable; its stdout.
 fn run_as(dir: &Path, run_as: boxlet::jail::RunAs, script: &str) -> String {
-    let jailer = boxlet::jail::Jailer::Helper(env!("CARGO_BIN_EXE_boxlet-jail").into());
-    let mut binds = system_binds();
-    binds.push(Bind::rw(dir));
-    let mut spec = JailSpec::new(dir.join("root"), binds);
-    spec.run_as = run_as;
-    let mut cmd = tokio::process::Command::new("/bin/sh");
-    cmd.args(["-c", script]);
-    let out = jailer
-        .wrap(spec, cmd)
-        .unwrap()
-        .as_std_mut()
-        .output()
-        .unwrap();
+    let out = run_as_user(dir, None, run_as, |_| {}, script);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -241,6 +289,147 @@ fn run_as(dir: &Path, run_as: boxlet::jail::RunAs, script: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// [`run_as`] made by `user` (a rootless jail; this process's user when `None`), the
+/// spec adjusted by `adjust`; its output, whatever the status.
+fn run_as_user(
+    dir: &Path,
+    user: Option<u32>,
+    run_as: boxlet::jail::RunAs,
+    adjust: impl FnOnce(&mut JailSpec),
+    script: &str,
+) -> std::process::Output {
+    let helper = env!("CARGO_BIN_EXE_boxlet-jail").into();
+    let jailer = if user.is_some() || !is_root() {
+        boxlet::jail::Jailer::Rootless(helper)
+    } else {
+        boxlet::jail::Jailer::Helper(helper)
+    };
+    let mut binds = system_binds();
+    binds.push(Bind::rw(dir));
+    let mut spec = JailSpec::new(dir.join("root"), binds);
+    spec.run_as = run_as;
+    adjust(&mut spec);
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.args(["-c", script]);
+    let mut cmd = jailer.wrap(spec, cmd).unwrap();
+    if let Some(uid) = user {
+        give_to(dir, uid);
+        cmd.uid(uid).gid(uid);
+    }
+    cmd.as_std_mut().output().unwrap()
+}
+
+/// The id the rootless tests make their jails as: an ordinary user dropped to by root,
+/// or this process's own.
+fn rootless_user() -> (Option<u32>, u32) {
+    if is_root() {
+        (Some(ORDINARY_USER), ORDINARY_USER)
+    } else {
+        (None, rustix::process::getuid().as_raw())
+    }
+}
+
+#[test]
+fn a_rootless_jail_runs_a_vms_program_as_the_caller_with_nothing_more() {
+    if !rootless_jails_allowed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (user, uid) = rootless_user();
+    let out = run_as_user(
+        dir.path(),
+        user,
+        boxlet::jail::RunAs::Caller,
+        |_| {},
+        "cat /proc/self/status; echo map $(cat /proc/self/uid_map); echo umask $(umask); \
+         touch /tmp/mine && stat -c 'made %u' /tmp/mine; \
+         echo x > /etc/ld.so.cache 2>/dev/null && echo wrote-root-file; \
+         unshare -r true 2>/dev/null && echo nested-user-namespace; true",
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{out:?}");
+    let id = uid.to_string();
+    // Its own ids, in and out of the namespace, which maps nothing else.
+    assert_eq!(status_field(&text, "Uid"), [id.as_str(); 4].join(" "));
+    assert!(text.contains(&format!("map {uid} {uid} 1\n")), "{text}");
+    for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(&text, key), "0000000000000000", "{key}");
+    }
+    assert_eq!(status_field(&text, "NoNewPrivs"), "1");
+    assert!(text.contains("umask 0077"), "{text}");
+    assert!(text.contains(&format!("made {uid}")), "{text}");
+    assert!(!text.contains("wrote-root-file"), "{text}");
+}
+
+#[test]
+fn a_rootless_daemons_root_is_the_caller_on_the_host_and_makes_nothing_of_anyone_elses() {
+    if !rootless_jails_allowed() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (user, uid) = rootless_user();
+    let d = dir.path().display();
+    // virtiofsd's capabilities, which hold over the jail's namespaces only.
+    let out = run_as_user(
+        dir.path(),
+        user,
+        boxlet::jail::RunAs::Root,
+        |spec| spec.keep_caps = boxlet::jail::VIRTIOFSD_CAPS.to_vec(),
+        &format!(
+            "cat /proc/self/status; echo map $(cat /proc/self/uid_map); \
+             echo x > {d}/by-root && echo wrote; \
+             chown 1:1 {d}/by-root 2>/dev/null && echo gave-away; \
+             mknod {d}/dev b 8 0 2>/dev/null && echo made-a-device; true"
+        ),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{out:?}");
+    // Root in the namespace, which maps it to the caller alone.
+    assert!(status_field(&text, "Uid").starts_with("0 0 0"), "{text}");
+    assert!(text.contains(&format!("map 0 {uid} 1\n")), "{text}");
+    let kept = boxlet::jail::VIRTIOFSD_CAPS
+        .iter()
+        .fold(0u64, |m, &c| m | 1 << c);
+    assert_eq!(status_field(&text, "CapEff"), format!("{kept:016x}"));
+    assert!(text.contains("wrote"), "{text}");
+    assert!(
+        !text.contains("gave-away"),
+        "no id but the caller's: {text}"
+    );
+    assert!(!text.contains("made-a-device"), "{text}");
+    let made = std::fs::metadata(dir.path().join("by-root")).unwrap();
+    assert_eq!(
+        (made.uid(), made.gid()),
+        (uid, uid),
+        "the caller's on the host"
+    );
+    assert!(!dir.path().join("dev").exists());
+}
+
+#[test]
+fn a_rootless_jail_refuses_to_run_a_program_as_a_vm_identity() {
+    if !rootless_jails_allowed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (user, _) = rootless_user();
+    let who = boxlet::jail::Identity {
+        id: boxlet::jail::VM_IDS.0 + 7,
+    };
+    let out = run_as_user(
+        dir.path(),
+        user,
+        boxlet::jail::RunAs::Vm(who),
+        |_| {},
+        "echo ran",
+    );
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("rootless jail has no VM identity"), "{e}");
 }
 
 /// The value of `key` in `text`'s lines of `/proc/self/status`, whitespace collapsed.
@@ -268,9 +457,28 @@ fn a_program_run_as_the_vms_identity_has_its_ids_and_nothing_of_root() {
         boxlet::jail::RunAs::Vm(who),
         "cat /proc/self/status; echo umask $(umask); echo env ${BOXLET_RUN_AS:-none}; \
          touch /tmp/mine && stat -c 'made %u:%g' /tmp/mine; \
-         echo x > /etc/ld.so.cache 2>/dev/null && echo wrote-root-file; true",
+         echo x > /etc/ld.so.cache 2>/dev/null && echo wrote-root-file; \
+         grep -E '^Max (open files|processes)' /proc/self/limits; true",
     );
     let id = who.id.to_string();
+    // Ceilings on its descriptors, and on its identity's tasks (no cgroup needed).
+    let limit = |name: &str| -> Vec<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("Max {name}")))
+            .unwrap_or_else(|| panic!("no {name} limit in {text}"))
+            .split_whitespace()
+            .take(2)
+            .map(str::to_owned)
+            .collect()
+    };
+    let files = limit("open files");
+    assert!(
+        files
+            .iter()
+            .all(|v| v.parse::<u64>().is_ok_and(|n| n <= 65536)),
+        "{files:?}"
+    );
+    assert_eq!(limit("processes"), ["4096", "4096"]);
     assert_eq!(status_field(&text, "Uid"), [id.as_str(); 4].join(" "));
     assert_eq!(status_field(&text, "Gid"), [id.as_str(); 4].join(" "));
     assert_eq!(status_field(&text, "Groups"), "", "no supplementary group");

@@ -159,51 +159,33 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// Whether this test process is an ordinary user's (the rootless box suite).
+pub fn rootless() -> bool {
+    !rustix::process::geteuid().is_root()
+}
+
 /// Every process of the VM whose run directory is `run_dir` that serves the guest (all
 /// but the jails' outer processes and `virtiofsd`, which serves files as their owners)
 /// runs as one unprivileged VM identity, in every id, with no capability; and there is
-/// at least one. Returns that identity. Only where the VM is jailed (root, the jail on).
+/// at least one. Returns that identity. Only where the VM is jailed (the jail on); for
+/// an ordinary user's VM ([`rootless`]), each of its processes, virtiofsd too, is in a
+/// user namespace that is not this process's, as this user, and all but virtiofsd hold
+/// no capability (`None`: no VM identity).
 pub fn assert_vm_runs_unprivileged(run_dir: &Path) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    if std::fs::metadata("/proc/self").unwrap().uid() != 0
-        || std::env::var_os("BOXLET_JAIL").is_some_and(|v| v == "off")
-    {
+    if std::env::var_os("BOXLET_JAIL").is_some_and(|v| v == "off") {
         return None;
     }
-    let name = run_dir.file_name().unwrap().to_str().unwrap();
+    if rootless() {
+        assert_vm_runs_in_user_namespaces(run_dir);
+        return None;
+    }
     let mut ids = std::collections::BTreeSet::new();
     let mut seen = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let (Ok(cmdline), Ok(status)) = (
-            std::fs::read(e.path().join("cmdline")),
-            std::fs::read_to_string(e.path().join("status")),
-        ) else {
-            continue;
-        };
-        let argv: Vec<String> = cmdline
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if !argv.iter().any(|a| a.contains(name)) {
-            continue;
-        }
-        let program = Path::new(&argv[0])
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+    for (program, _, status) in vm_processes(run_dir) {
         if program == "boxlet-jail" || program == "virtiofsd" {
             continue;
         }
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}:")))
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        };
+        let field = |key: &str| status_values(&status, key);
         let uids: Vec<u32> = field("Uid").iter().map(|u| u.parse().unwrap()).collect();
         let (base, count) = boxlet::jail::VM_IDS;
         assert!(
@@ -225,6 +207,78 @@ pub fn assert_vm_runs_unprivileged(run_dir: &Path) -> Option<u32> {
         "one identity for the VM's processes {seen:?}: {ids:?}"
     );
     ids.first().copied()
+}
+
+/// The processes of the VM whose run directory is `run_dir`: (program name, pid
+/// directory, `/proc/PID/status` field reader).
+fn vm_processes(run_dir: &Path) -> Vec<(String, PathBuf, String)> {
+    let name = run_dir.file_name().unwrap().to_str().unwrap();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let (Ok(cmdline), Ok(status)) = (
+            std::fs::read(e.path().join("cmdline")),
+            std::fs::read_to_string(e.path().join("status")),
+        ) else {
+            continue;
+        };
+        let argv: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !argv.iter().any(|a| a.contains(name)) {
+            continue;
+        }
+        let program = Path::new(&argv[0])
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        found.push((program, e.path(), status));
+    }
+    found
+}
+
+/// The whitespace-separated values of `key` in a `/proc/PID/status` text.
+fn status_values(status: &str, key: &str) -> Vec<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// [`assert_vm_runs_unprivileged`] for an ordinary user's VM.
+fn assert_vm_runs_in_user_namespaces(run_dir: &Path) {
+    let ours = std::fs::read_link("/proc/self/ns/user").unwrap();
+    let uid = rustix::process::getuid().as_raw().to_string();
+    let mut seen = Vec::new();
+    for (program, pid_dir, status) in vm_processes(run_dir) {
+        let Ok(ns) = std::fs::read_link(pid_dir.join("ns/user")) else {
+            continue; // gone meanwhile
+        };
+        assert_ne!(ns, ours, "{program} runs in this process's user namespace");
+        assert_eq!(
+            status_values(&status, "Uid"),
+            [uid.as_str(); 4],
+            "{program}'s user ids"
+        );
+        if program != "boxlet-jail" && program != "virtiofsd" {
+            for key in ["CapPrm", "CapEff"] {
+                assert_eq!(
+                    status_values(&status, key),
+                    ["0000000000000000"],
+                    "{program}: {key}"
+                );
+            }
+        }
+        seen.push(program);
+    }
+    assert!(
+        seen.iter().any(|p| p != "boxlet-jail"),
+        "no process of the VM found: {seen:?}"
+    );
 }
 
 /// Nothing of a VM is left: no process mentions its run directory, which is gone.
@@ -505,6 +559,11 @@ pub async fn guest_plants_nothing_on_the_host(vm: &boxlet::RunningVm, host_dir: 
     }
     let sh = std::fs::metadata(host_dir.join("planted-sh")).unwrap();
     assert_eq!(sh.mode() & 0o4000, 0o4000);
+    if rootless() {
+        // An ordinary user's box: set-UID to that user (in a home only it may reach).
+        assert_eq!(sh.uid(), rustix::process::getuid().as_raw());
+        return;
+    }
     assert_eq!(
         sh.uid(),
         boxlet::rootfs::CACHE_IDS.base(),
@@ -593,8 +652,16 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
     disk.cleanup(&rootfs).await.unwrap();
     assert!(!home.box_dir(id).exists(), "the box's directory stayed");
 
-    // Extracted: the image's layers applied into a cached tree, a copy per box.
-    let extracted = ExtractedStrategy::new(home.clone(), store.clone()).unwrap();
+    // Extracted: the image's layers applied into a cached tree, a copy per box (with
+    // the default quota, which needs root; without it, none).
+    let quota = if rootless() {
+        boxlet::rootfs::DiskQuota::Unlimited
+    } else {
+        boxlet::rootfs::DiskQuota::Default
+    };
+    let extracted = ExtractedStrategy::new(home.clone(), store.clone())
+        .unwrap()
+        .with_disk_quota(quota);
     let rootfs = extracted.prepare(&req).await.unwrap();
     let vm = boot(hv, spec(rootfs.root())).await.unwrap();
     let o = vm
@@ -612,32 +679,15 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
     extracted.cleanup(&rootfs).await.unwrap();
     assert!(!home.box_dir(id).exists(), "the box's directory stayed");
 
-    // OverlayMount: the layers as overlayfs lowers under the box's upper (needs root).
+    // OverlayMount: the layers as overlayfs lowers under the box's upper (needs root:
+    // without it, a clear error).
     let overlay = OverlayStrategy::new(home.clone(), store.clone(), false).unwrap();
-    let rootfs = overlay.prepare(&req).await.unwrap();
-    let vm = boot(hv, spec(rootfs.root())).await.unwrap();
-    let o = vm
-        .agent()
-        .run(
-            sh("cat /etc/hostname; test -e /etc/motd || echo no-motd; echo up > /root/note"),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        o.stdout,
-        b"boxlet\nno-motd\n",
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let boxlet::rootfs::Strategy::OverlayMount { upper, .. } = &rootfs.strategy else {
-        panic!("{:?}", rootfs.strategy)
-    };
-    guest_plants_nothing_on_the_host(&vm, upper).await;
-    vm.shutdown(Duration::from_secs(30)).await.unwrap();
-    assert_eq!(std::fs::read(upper.join("root/note")).unwrap(), b"up\n");
-    overlay.cleanup(&rootfs).await.unwrap();
-    assert!(!home.box_dir(id).exists(), "the box's directory stayed");
+    if rootless() {
+        let e = overlay.prepare(&req).await.unwrap_err().to_string();
+        assert!(e.contains("needs CAP_SYS_ADMIN"), "{e}");
+    } else {
+        overlay_boots(hv, &overlay, &req, &home).await;
+    }
 
     // Direct: a directory of the user's, booted as is and left alone.
     let unpacked = dir.path().join("unpacked");
@@ -661,7 +711,43 @@ pub async fn rootfs_strategies_boot(hv: &dyn Hypervisor) {
     );
 }
 
-/// A guest whose kernel panics (no init) fails the boot with the panic line.
+/// The OverlayMount part of [`rootfs_strategies_boot`].
+async fn overlay_boots(
+    hv: &dyn Hypervisor,
+    overlay: &boxlet::rootfs::OverlayStrategy,
+    req: &boxlet::rootfs::PrepareRequest,
+    home: &boxlet::rootfs::Home,
+) {
+    use boxlet::RootfsStrategy;
+    let rootfs = overlay.prepare(req).await.unwrap();
+    let vm = boot(hv, spec(rootfs.root())).await.unwrap();
+    let o = vm
+        .agent()
+        .run(
+            sh("cat /etc/hostname; test -e /etc/motd || echo no-motd; echo up > /root/note"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        o.stdout,
+        b"boxlet\nno-motd\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let boxlet::rootfs::Strategy::OverlayMount { upper, .. } = &rootfs.strategy else {
+        panic!("{:?}", rootfs.strategy)
+    };
+    guest_plants_nothing_on_the_host(&vm, upper).await;
+    vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(std::fs::read(upper.join("root/note")).unwrap(), b"up\n");
+    overlay.cleanup(&rootfs).await.unwrap();
+    assert!(
+        !home.box_dir(req.box_id).exists(),
+        "the box's directory stayed"
+    );
+}
+
 /// A guest writing until its root is full, on a directory root with a 64 MiB disk
 /// quota (OverlayMount: the upper on the box's own file system), meets ENOSPC, and the
 /// host gave the box at most its quota. Needs root (skipped otherwise).
@@ -720,6 +806,7 @@ pub async fn a_guest_filling_its_directory_root_meets_its_quota(hv: &dyn Hypervi
     assert!(!home.box_dir(id).exists());
 }
 
+/// A guest whose kernel panics (no init) fails the boot with the panic line.
 pub async fn a_guest_kernel_panic_is_an_error_not_a_hang(hv: &dyn Hypervisor) {
     let dir = tempfile::tempdir().unwrap();
     // No agent at the init path: the kernel panics ("No working init found").

@@ -53,7 +53,10 @@ impl DiskQuota {
 /// on `at` (made if missing). Blocking.
 pub(crate) fn mount_new(image: &Path, at: &Path, bytes: u64) -> Result<(), RootfsError> {
     let refused = |reason: String| RootfsError::Invalid {
-        what: format!("a disk quota of {bytes} bytes"),
+        what: format!(
+            "a disk quota of {} MiB ({bytes} bytes)",
+            bytes.div_ceil(1 << 20)
+        ),
         reason,
     };
     if bytes < MIN_QUOTA {
@@ -62,7 +65,8 @@ pub(crate) fn mount_new(image: &Path, at: &Path, bytes: u64) -> Result<(), Rootf
     if !crate::rootfs::shared::has_cap_sys_admin() {
         return Err(refused(
             "a box's disk quota is a loop-mounted file system, which needs root: run as \
-             root, use the Disk strategy, or ask for no quota (unlimited)"
+             root, use the Disk strategy, or ask for no quota (`--disk-quota unlimited`, \
+             `DiskQuota::Unlimited`)"
                 .into(),
         ));
     }
