@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use boxlet::hypervisor::ShareSpec;
-use boxlet::process::{start_daemon, virtiofsd_command};
+use boxlet::process::{start_daemon, virtiofsd_command, GuestIds};
 use boxlet_kvm::virtio::fs::Fs;
 use boxlet_kvm::virtio::mmio::MmioTransport;
 use common::{reg, set, Ring};
@@ -61,7 +61,7 @@ fn daemon(dir: &Path, run: &Path) -> Daemon {
         ids: boxlet::ShareIds::Host,
     };
     let child = rt.block_on(async {
-        let cmd = virtiofsd_command(&virtiofsd(), &share, &socket, None);
+        let cmd = virtiofsd_command(&virtiofsd(), &share, &socket, GuestIds::AsIs);
         start_daemon(
             "test",
             "virtiofsd",

@@ -200,6 +200,93 @@ pub fn no_keyrings() -> Result<BpfProgram, String> {
     .map_err(|e| e.to_string())
 }
 
+/// A filter that keeps a file server from making set-user-ID or set-group-ID files:
+/// `chmod`, `fchmod`, `fchmodat`, `fchmodat2`, and `creat`, `open`, `openat`, `mknod`,
+/// `mknodat` creating a file, fail with EPERM when the mode has S_ISUID or S_ISGID;
+/// `openat2`, whose mode is out of a filter's sight, fails with ENOSYS (virtiofsd then
+/// uses `openat`). Everything else goes through (to the filters after it). For a
+/// virtiofsd serving a directory of a user's (or root's), where such a file would be
+/// one to its owner's (or root's) account for whoever can reach it.
+pub fn no_set_id_files() -> Result<BpfProgram, String> {
+    const SET_ID: [u64; 2] = [libc::S_ISUID as u64, libc::S_ISGID as u64];
+    // The kernel's fchmodat2 (Linux 6.6), not in every C library's list yet.
+    const SYS_FCHMODAT2: i64 = 452;
+    let cond = |arg: u8, mask: u64, value: u64| {
+        SeccompCondition::new(
+            arg,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(mask),
+            value,
+        )
+        .map_err(|e| e.to_string())
+    };
+    // A mode argument with either bit set, when `also` (a creating flag) holds.
+    let set_id = |mode_arg: u8, also: Option<(u8, u64)>| -> Result<Vec<SeccompRule>, String> {
+        let mut rules = Vec::new();
+        for bit in SET_ID {
+            let creating: Vec<Option<(u8, u64)>> = match also {
+                None => vec![None],
+                // O_CREAT, or O_TMPFILE's own bit.
+                Some((arg, _)) => vec![
+                    Some((arg, libc::O_CREAT as u64)),
+                    Some((arg, (libc::O_TMPFILE & !libc::O_DIRECTORY) as u64)),
+                ],
+            };
+            for flag in creating {
+                let mut conds = vec![cond(mode_arg, bit, bit)?];
+                if let Some((arg, f)) = flag {
+                    conds.push(cond(arg, f, f)?);
+                }
+                rules.push(SeccompRule::new(conds).map_err(|e| e.to_string())?);
+            }
+        }
+        Ok(rules)
+    };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_chmod, set_id(1, None)?);
+    rules.insert(libc::SYS_fchmod, set_id(1, None)?);
+    rules.insert(libc::SYS_fchmodat, set_id(2, None)?);
+    rules.insert(SYS_FCHMODAT2, set_id(2, None)?);
+    rules.insert(libc::SYS_creat, set_id(1, None)?);
+    rules.insert(libc::SYS_mknod, set_id(1, None)?);
+    rules.insert(libc::SYS_mknodat, set_id(2, None)?);
+    rules.insert(libc::SYS_open, set_id(2, Some((1, 0)))?);
+    rules.insert(libc::SYS_openat, set_id(3, Some((2, 0)))?);
+    let set_id_calls = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(|e| e.to_string())?;
+    Ok(set_id_calls)
+}
+
+/// The filter that fails `openat2` with ENOSYS, to go with [`no_set_id_files`].
+pub fn no_openat2() -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_openat2, Vec::new());
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(|e| e.to_string())
+}
+
+/// Put the calling thread (and what it executes) under [`no_set_id_files`] and
+/// [`no_openat2`].
+pub fn install_no_set_id_files() -> std::io::Result<()> {
+    for prog in [no_set_id_files(), no_openat2()] {
+        let prog = prog.map_err(std::io::Error::other)?;
+        seccompiler::apply_filter(&prog).map_err(std::io::Error::other)?;
+    }
+    Ok(())
+}
+
 /// Put the calling thread (and what it executes) under [`no_keyrings`].
 pub fn install_no_keyrings() -> std::io::Result<()> {
     let prog = no_keyrings().map_err(std::io::Error::other)?;

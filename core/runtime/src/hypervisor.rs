@@ -179,7 +179,8 @@ impl AccelPolicy {
     }
 
     /// What to tell a user whose host has no hardware acceleration.
-    pub const SOFTWARE_HINT: &'static str = "pass --accel tcg (or set BOXLET_ACCEL=tcg) to run          guests under software emulation: slower, and a weaker boundary than a hardware VM";
+    pub const SOFTWARE_HINT: &'static str = "pass --accel tcg (or set BOXLET_ACCEL=tcg) to run \
+        guests under software emulation: slower, and a weaker boundary than a hardware VM";
 }
 
 impl std::str::FromStr for AccelPolicy {

@@ -89,6 +89,38 @@ pub struct JailSpec {
     /// program; a shell run in a jail does).
     #[serde(default)]
     pub exec_only_program: bool,
+    /// For a program a root jail runs as [`RunAs::Root`]: a user namespace with these
+    /// ids, the program root in it. Root there is the host ids mapped to 0, and its
+    /// capabilities hold over files of mapped ids only: host root's files and everyone
+    /// else's are no more its than any stranger's. (A rootless jail maps the caller
+    /// alone, whatever this says.)
+    #[serde(default)]
+    pub id_maps: Option<IdMaps>,
+    /// The program may make no set-user-ID or set-group-ID file
+    /// ([`crate::daemon_filter::no_set_id_files`]): a file server writing a user's
+    /// directory, where such a file would be a way into its owner's account.
+    #[serde(default)]
+    pub no_set_id_files: bool,
+}
+
+/// The ids of a jail's own user namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMaps {
+    /// User ids.
+    pub uids: Vec<IdRange>,
+    /// Group ids.
+    pub gids: Vec<IdRange>,
+}
+
+/// `count` ids from `inside` in a user namespace are `outside` and up on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    /// The first id in the namespace.
+    pub inside: u32,
+    /// The host id it is.
+    pub outside: u32,
+    /// How many.
+    pub count: u32,
 }
 
 /// A VM's own unprivileged user and group id, the same number ([`IdentityLease`]).
@@ -333,6 +365,8 @@ impl JailSpec {
             seccomp: None,
             run_as: RunAs::Root,
             exec_only_program: false,
+            id_maps: None,
+            no_set_id_files: false,
         }
     }
 }
@@ -364,7 +398,8 @@ pub fn system_binds() -> Vec<Bind> {
 
 /// What a VMM needs of `spec`: the directory of its sockets
 /// ([`crate::process::vm_dir`]), the kernel and initrd, and every disk with its whole
-/// qcow2 backing chain (read-only below the top).
+/// qcow2 backing chain (read-only below the top; a writable disk's chain checked
+/// against its pin, [`backing_chain`]).
 pub fn vm_binds(spec: &crate::hypervisor::VmSpec) -> io::Result<Vec<Bind>> {
     let mut b = vec![
         Bind::rw(crate::process::vm_dir(&spec.run_dir)),
@@ -377,38 +412,140 @@ pub fn vm_binds(spec: &crate::hypervisor::VmSpec) -> io::Result<Vec<Bind>> {
         } else {
             Bind::rw(&disk.path)
         });
-        let mut at = disk.path.clone();
-        for _ in 0..16 {
-            let Ok(Some(backing)) = boxlet_qcow2::read_backing_file_path(&at) else {
-                break;
-            };
-            // The name is in a file the VMM may write: no climbing out, no system trees.
-            if Path::new(&backing)
-                .components()
-                .any(|c| c == std::path::Component::ParentDir)
-            {
-                return Err(io::Error::other(format!(
-                    "{}: backing file {backing:?} has a '..'",
-                    at.display()
-                )));
-            }
-            let backing = match at.parent() {
-                Some(dir) => dir.join(backing),
-                None => PathBuf::from(backing),
-            };
-            let real = std::fs::canonicalize(&backing)?;
-            if let Some(sys) = crate::process::system_path(&real) {
-                return Err(io::Error::other(format!(
-                    "{}: backing file {} is in {sys}",
-                    at.display(),
-                    real.display()
-                )));
-            }
-            b.push(Bind::ro(&real));
-            at = real;
-        }
+        b.extend(
+            backing_chain(&disk.path, !disk.read_only)?
+                .iter()
+                .map(Bind::ro),
+        );
     }
     Ok(b)
+}
+
+/// The files below `disk` in its qcow2 backing chain, top first, resolved. The names are
+/// in files a VMM may have written (a compromised one could point a disk it wrote at
+/// any file for its next boot): no `..`, no system tree, and for a disk a VM may write
+/// (`writable`) the chain boxlet saw the first time it booted that file, recorded beside
+/// it ([`pin_path`]: the file's device, inode and birth time, then the chain; a jail binds the disk,
+/// never its directory, so no VM reaches the record). A different chain for the same
+/// file is refused; a new file (another inode at the path) is recorded afresh.
+pub fn backing_chain(disk: &Path, writable: bool) -> io::Result<Vec<PathBuf>> {
+    let mut chain = Vec::new();
+    let mut at = disk.to_path_buf();
+    for _ in 0..16 {
+        let Ok(Some(backing)) = boxlet_qcow2::read_backing_file_path(&at) else {
+            break;
+        };
+        if Path::new(&backing)
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(io::Error::other(format!(
+                "{}: backing file {backing:?} has a '..'",
+                at.display()
+            )));
+        }
+        let backing = match at.parent() {
+            Some(dir) => dir.join(backing),
+            None => PathBuf::from(backing),
+        };
+        let real = std::fs::canonicalize(&backing)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", backing.display())))?;
+        if let Some(sys) = crate::process::system_path(&real) {
+            return Err(io::Error::other(format!(
+                "{}: backing file {} is in {sys}",
+                at.display(),
+                real.display()
+            )));
+        }
+        chain.push(real.clone());
+        at = real;
+    }
+    if writable && !chain.is_empty() {
+        check_pin(disk, &chain)?;
+    }
+    Ok(chain)
+}
+
+/// Where the backing chain of `disk` is recorded: `DISK.boxlet-chain`, beside it.
+pub fn pin_path(disk: &Path) -> PathBuf {
+    let mut name = disk.as_os_str().to_owned();
+    name.push(".boxlet-chain");
+    PathBuf::from(name)
+}
+
+fn check_pin(disk: &Path, chain: &[PathBuf]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(disk)?;
+    // The file's identity: device, inode and birth time (a number a freed inode's next
+    // file reuses at once; its birth time it does not), where the file system keeps one.
+    let born = rustix::fs::statx(
+        rustix::fs::CWD,
+        disk,
+        rustix::fs::AtFlags::empty(),
+        rustix::fs::StatxFlags::BTIME,
+    )
+    .ok()
+    .filter(|x| x.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
+    .map_or("-".to_string(), |x| {
+        format!("{}.{:09}", x.stx_btime.tv_sec, x.stx_btime.tv_nsec)
+    });
+    let mut record = format!("{} {} {born}\n", meta.dev(), meta.ino()).into_bytes();
+    for p in chain {
+        let bytes = p.as_os_str().as_bytes();
+        if bytes.contains(&b'\n') {
+            return Err(io::Error::other(format!(
+                "{}: a backing file's name has a newline: {}",
+                disk.display(),
+                p.display()
+            )));
+        }
+        record.extend_from_slice(bytes);
+        record.push(b'\n');
+    }
+    let pin = pin_path(disk);
+    let same_file =
+        |old: &[u8]| old.split(|&b| b == b'\n').next() == record.split(|&b| b == b'\n').next();
+    match std::fs::read(&pin) {
+        Ok(old) if old == record => return Ok(()),
+        Ok(old) if same_file(&old) => {
+            let show = |r: &[u8]| {
+                String::from_utf8_lossy(r)
+                    .lines()
+                    .skip(1)
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            };
+            return Err(io::Error::other(format!(
+                "{}: its backing chain is now {}, not the {} boxlet recorded in {} when it \
+                 first booted it: a VM may have rewritten the disk's header. If you changed \
+                 the chain yourself, remove {}",
+                disk.display(),
+                show(&record),
+                show(&old),
+                pin.display(),
+                pin.display()
+            )));
+        }
+        // Another file at this path since (or none recorded): record this one.
+        Ok(_) => std::fs::remove_file(&pin)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", pin.display()))),
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&pin)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("recording the chain in {}: {e}", pin.display()),
+            )
+        })?;
+    file.write_all(&record)?;
+    file.sync_all()?;
+    Ok(())
 }
 
 /// Capabilities `virtiofsd` keeps: it serves files as their owners (CHOWN, DAC_OVERRIDE,
@@ -526,8 +663,16 @@ impl Jailer {
             .arg(&file)
             .arg(&program)
             .args(cmd.as_std().get_args());
-        // What the command set in its environment reaches the program (the jail passes
-        // its own environment on).
+        // The program gets no more of this process's environment than it needs (a
+        // compromised VMM could read the caller's tokens and keys from its own): the
+        // variables of [`PASSED_ENV`], then what the command set (the jail passes its
+        // own environment on).
+        jailed.env_clear();
+        for (key, value) in std::env::vars_os() {
+            if passed_env(&key) {
+                jailed.env(key, value);
+            }
+        }
         for (key, value) in cmd.as_std().get_envs() {
             match value {
                 Some(v) => jailed.env(key, v),
@@ -540,6 +685,20 @@ impl Jailer {
         };
         Ok(jailed)
     }
+}
+
+/// What of boxlet's environment reaches a jailed program: these variables, and those
+/// starting with [`PASSED_ENV_PREFIXES`] (boxlet-vmm's switches and test hooks, the
+/// jail's own test hook). Nothing else: not the caller's tokens, keys or agent sockets.
+pub const PASSED_ENV: [&str; 6] = ["PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG", "RUST_BACKTRACE"];
+
+/// Prefixes of the variables [`PASSED_ENV`] also lets through.
+pub const PASSED_ENV_PREFIXES: [&str; 2] = ["BOXLET_VMM_", "BOXLET_JAIL_TEST_"];
+
+fn passed_env(key: &std::ffi::OsStr) -> bool {
+    key.to_str().is_some_and(|k| {
+        PASSED_ENV.contains(&k) || PASSED_ENV_PREFIXES.iter().any(|p| k.starts_with(p))
+    })
 }
 
 /// A jailed command's arguments: `SPEC PROGRAM ARGS...`, as `boxlet-jail` reads them.
@@ -596,6 +755,16 @@ mod linux {
             crate::cgroup::join(cg)?;
         }
         let rootless = !rustix::process::geteuid().is_root();
+        let maps = spec.id_maps.as_ref().filter(|_| !rootless);
+        if let Some(maps) = maps {
+            let maps_root = |ranges: &[IdRange]| ranges.iter().any(|r| r.inside == 0);
+            if spec.run_as != RunAs::Root || !maps_root(&maps.uids) || !maps_root(&maps.gids) {
+                return Err(io::Error::other(
+                    "a jail's own user namespace is for a program run as its root, which it \
+                     must map",
+                ));
+            }
+        }
         if rootless {
             unshare_rootless(spec.run_as)?;
         } else {
@@ -638,11 +807,31 @@ mod linux {
                 }
                 drop(alive_r);
                 build_root(spec)?;
+                // With id maps, the program makes its own user namespace and PID 1, root
+                // outside it, writes its maps (the program may not) before it drops
+                // everything.
+                let (asked_r, asked_w) = io::pipe()?;
+                let (mapped_r, mapped_w) = io::pipe()?;
                 // SAFETY: still single-threaded, as above.
                 match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
-                    nix::unistd::ForkResult::Parent { child } => init(child, died_w),
+                    nix::unistd::ForkResult::Parent { child } => {
+                        drop((asked_w, mapped_r));
+                        if let Some(maps) = maps {
+                            if let Err(e) = map_ids_of(child, maps, asked_r, mapped_w) {
+                                let _ = nix::sys::signal::kill(
+                                    child,
+                                    nix::sys::signal::Signal::SIGKILL,
+                                );
+                                return Err(e);
+                            }
+                        }
+                        init(child, died_w)
+                    }
                     nix::unistd::ForkResult::Child => {
-                        drop(died_w);
+                        drop((died_w, asked_r, mapped_w));
+                        if maps.is_some() {
+                            enter_own_user_namespace(asked_w, mapped_r)?;
+                        }
                         confine(spec, program)
                     }
                 }
@@ -655,6 +844,72 @@ mod linux {
         .union(UnshareFlags::NEWIPC)
         .union(UnshareFlags::NEWUTS)
         .union(UnshareFlags::NEWNET);
+
+    /// In the program's process: a user namespace of its own (under root's, which owns
+    /// the jail's other namespaces: nothing in it can mount or unmount), asked for on
+    /// `asked`; once PID 1 says on `mapped` it wrote the maps, become root of it (the
+    /// host ids mapped to 0) with no supplementary group (host root's would still open
+    /// files by group).
+    fn enter_own_user_namespace(asked: io::PipeWriter, mapped: io::PipeReader) -> io::Result<()> {
+        use std::io::{Read, Write};
+        // SAFETY: single-threaded, and no FILES flag, as in `enter`.
+        unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWUSER) }?;
+        (&asked).write_all(b"u")?;
+        drop(asked);
+        let mut b = [0u8; 1];
+        if (&mapped).read(&mut b)? != 1 {
+            return Err(io::Error::other(
+                "the jail's init ended before it mapped the program's ids",
+            ));
+        }
+        let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
+        nix::unistd::setgroups(&[])?;
+        nix::unistd::setresgid(root.1, root.1, root.1)?;
+        nix::unistd::setresuid(root.0, root.0, root.0)?;
+        Ok(())
+    }
+
+    /// In PID 1: once `program` says on `asked` it has its user namespace, write `maps`
+    /// as its user and group id maps (as root outside it: any host ids may be mapped)
+    /// and tell it on `mapped`.
+    fn map_ids_of(
+        program: nix::unistd::Pid,
+        maps: &IdMaps,
+        asked: io::PipeReader,
+        mapped: io::PipeWriter,
+    ) -> io::Result<()> {
+        use std::io::{Read, Write};
+        let mut b = [0u8; 1];
+        if (&asked).read(&mut b)? != 1 {
+            return Err(io::Error::other(
+                "the program ended before it made its user namespace",
+            ));
+        }
+        // The jail's /proc is read-only: a proc of PID 1's own, for the moment.
+        let proc_dir = Path::new("/tmp/.boxlet-map-ids");
+        std::fs::DirBuilder::new().create(proc_dir)?;
+        let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        mount("proc", proc_dir, "proc", flags, None)
+            .map_err(|e| io::Error::other(format!("mounting {}: {e}", proc_dir.display())))?;
+        let written = (|| {
+            for (file, ranges) in [("uid_map", &maps.uids), ("gid_map", &maps.gids)] {
+                let text: String = ranges
+                    .iter()
+                    .map(|r| format!("{} {} {}\n", r.inside, r.outside, r.count))
+                    .collect();
+                let path = proc_dir.join(program.to_string()).join(file);
+                std::fs::write(&path, &text).map_err(|e| {
+                    io::Error::new(e.kind(), format!("{} ({text:?}): {e}", path.display()))
+                })?;
+            }
+            Ok::<(), io::Error>(())
+        })();
+        unmount(proc_dir, UnmountFlags::DETACH)?;
+        std::fs::remove_dir(proc_dir)?;
+        written?;
+        (&mapped).write_all(b"m")?;
+        Ok(())
+    }
 
     /// The jail's namespaces under a new user namespace owned by this (unprivileged)
     /// user, whose ids it maps (and nothing else): to root for a program run as
@@ -985,7 +1240,7 @@ mod linux {
     }
 
     /// What a bind at `target` keeps of the mount it came from when it is made stricter:
-    /// read-only, no-exec and the access-time rule. In a user namespace the kernel refuses
+    /// read-only, no-exec, no-dev, no-symlink-following and the access-time rule. In a user namespace the kernel refuses
     /// a remount that would clear them (they are locked); as root, keeping them keeps the
     /// host's intent (a bind never becomes laxer than its source).
     fn kept_flags(target: &Path) -> io::Result<MountFlags> {
@@ -999,6 +1254,8 @@ mod linux {
             (S::NOEXEC, MountFlags::NOEXEC),
             (S::NODEV, MountFlags::NODEV),
             (S::NODIRATIME, MountFlags::NODIRATIME),
+            // ST_NOSYMFOLLOW (Linux 5.10), not named by rustix.
+            (S::from_bits_retain(0x2000), MountFlags::NOSYMFOLLOW),
         ] {
             if have.contains(st) {
                 keep |= mf;
@@ -1117,9 +1374,9 @@ mod linux {
     /// limits). virtiofsd may raise its own (it keeps CAP_SYS_RESOURCE to serve files).
     pub(super) const MAX_OPEN_FILES: u64 = 65536;
 
-    /// The most processes and threads a VM identity may have: its ids are this VM's
-    /// alone, so this bounds the VM's tasks where no cgroup does (a host without cgroup
-    /// v2). Not set for a rootless jail, whose caller's other processes would count.
+    /// The most processes and threads a VM identity, or a jail's own user namespace,
+    /// may have: this bounds a VM's tasks where no cgroup does (a host without cgroup v2,
+    /// a rootless boxlet).
     pub(super) const MAX_VM_TASKS: u64 = 4096;
 
     /// Lower `resource`'s limits to at most `ceiling` (never raise them).
@@ -1140,7 +1397,13 @@ mod linux {
     fn confine(spec: &JailSpec, program: &Path) -> io::Result<()> {
         no_core_dumps()?;
         cap_limit(rustix::process::Resource::Nofile, MAX_OPEN_FILES)?;
-        if matches!(spec.run_as, RunAs::Vm(_) | RunAs::VmAfterSetup(_)) {
+        // Counted per user and user namespace (since Linux 5.14): a VM identity's tasks,
+        // or those of a jail's own namespace (rootless, or a daemon with id maps). Not
+        // for host root, whose count is every root process's (and is not enforced).
+        let host_root = spec.run_as == RunAs::Root
+            && spec.id_maps.is_none()
+            && rustix::process::geteuid().is_root();
+        if !host_root {
             cap_limit(rustix::process::Resource::Nproc, MAX_VM_TASKS)?;
         }
         let mut keep_caps = spec.keep_caps.clone();
@@ -1155,6 +1418,13 @@ mod linux {
             RunAs::Caller if !keep_caps.is_empty() => {
                 return Err(io::Error::other(
                     "a program run as the caller in a jail keeps no capability",
+                ))
+            }
+            // As root that would be root's ids (owner of root's files) without capabilities.
+            RunAs::Caller if rustix::process::geteuid().is_root() => {
+                return Err(io::Error::other(
+                    "a program run as the caller is for rootless jails; as root, run it as \
+                     a VM identity",
                 ))
             }
             RunAs::Caller => {}
@@ -1209,6 +1479,14 @@ mod linux {
         // keyring of its ids, which a later VM of the same slot gets.
         #[cfg(target_arch = "x86_64")]
         crate::daemon_filter::install_no_keyrings()?;
+        if spec.no_set_id_files {
+            #[cfg(target_arch = "x86_64")]
+            crate::daemon_filter::install_no_set_id_files()?;
+            #[cfg(not(target_arch = "x86_64"))]
+            return Err(io::Error::other(
+                "no set-ID filter for this architecture: share the directory read-only",
+            ));
+        }
         if let Some(profile) = spec.seccomp {
             #[cfg(target_arch = "x86_64")]
             crate::daemon_filter::install(profile)?;

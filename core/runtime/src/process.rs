@@ -17,8 +17,14 @@ use crate::hypervisor::{HypervisorError, ShareIds, ShareSpec, Vm, VmExit, VmSpec
 
 /// `name` in `PATH`, in `~/.cargo/bin`, or as `/usr/libexec/name`.
 pub fn find_program(name: &str) -> Option<PathBuf> {
+    // Only absolute entries: an empty or relative one names the working directory,
+    // which may be anyone's (/tmp).
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .filter(|d| d.is_absolute())
+                .collect()
+        })
         .unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
@@ -42,7 +48,7 @@ pub fn find_helper(var: &str, name: &str) -> Option<PathBuf> {
         dirs.push(parent.to_path_buf());
     }
     if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
+        dirs.extend(std::env::split_paths(&path).filter(|d| d.is_absolute()));
     }
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
@@ -147,18 +153,38 @@ pub const EXIT_FORBIDDEN_SYSCALL: i32 = 128 + SIGSYS;
 /// are invisible to the guest. The directory caches store image xattrs the same way.
 pub const GUEST_XATTR_PREFIX: &str = "user.virtiofs.";
 
+/// How a `virtiofsd` stores the guest's ids on the host, as the daemon sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestIds {
+    /// As they are: a directory of root's, served by root (no translation).
+    AsIs,
+    /// Guest id `n` is `base + n` for 65536 ids, the rest refused (virtiofsd translates).
+    Shifted {
+        /// The host id of guest id 0.
+        base: u32,
+    },
+    /// Guest ids below 65536 as they are, the rest refused: the daemon's own user
+    /// namespace maps them onto the shifted range.
+    InRange,
+    /// Every guest id is this one.
+    Squashed {
+        /// The user id.
+        uid: u32,
+        /// The group id.
+        gid: u32,
+    },
+}
+
 /// A `virtiofsd` serving `share` on `socket`: chrooted into the shared directory, file
 /// handles off (they need CAP_DAC_READ_SEARCH on the host), extended attributes on but
 /// mapped under [`GUEST_XATTR_PREFIX`], without CAP_MKNOD and CAP_SETFCAP (a guest makes no device
-/// node on the host), guest ids translated by [`ShareSpec::ids`] (for [`ShareIds::Host`],
-/// every guest id becomes `squash_to`, the directory's owner as the daemon sees it, when
-/// there is one), read-only when the share is, caching everything when the share is
-/// exclusive.
+/// node on the host), guest ids stored as `ids` says, read-only when the share is,
+/// caching everything when the share is exclusive.
 pub fn virtiofsd_command(
     program: &Path,
     share: &ShareSpec,
     socket: &Path,
-    squash_to: Option<(u32, u32)>,
+    ids: GuestIds,
 ) -> Command {
     let mut cmd = owned(program);
     cmd.arg(format!("--socket-path={}", socket.display()))
@@ -172,21 +198,27 @@ pub fn virtiofsd_command(
         .args(["--inode-file-handles=never", "--xattr"])
         .arg(format!("--xattrmap=:map::{GUEST_XATTR_PREFIX}:"))
         .arg("--modcaps=-mknod:-setfcap");
-    match (share.ids, squash_to) {
-        (ShareIds::Shifted { base }, _) => {
-            // Guest ids past the range would pass through as the same host ids (real
-            // users'): refused.
+    // Guest ids past the range would pass through as the same ids (real users' on the
+    // host; the VM's identity in a daemon's namespace): refused.
+    let forbid_past_range = [
+        "--translate-uid=forbid-guest:65536:4294901759",
+        "--translate-gid=forbid-guest:65536:4294901759",
+    ];
+    match ids {
+        GuestIds::AsIs => {}
+        GuestIds::Shifted { base } => {
             cmd.arg(format!("--translate-uid=map:0:{base}:65536"))
                 .arg(format!("--translate-gid=map:0:{base}:65536"))
-                .arg("--translate-uid=forbid-guest:65536:4294901759")
-                .arg("--translate-gid=forbid-guest:65536:4294901759");
+                .args(forbid_past_range);
+        }
+        GuestIds::InRange => {
+            cmd.args(forbid_past_range);
         }
         // What the guest makes is the owner's, whoever it is in the guest.
-        (ShareIds::Host, Some((uid, gid))) => {
+        GuestIds::Squashed { uid, gid } => {
             cmd.arg(format!("--translate-uid=squash-guest:0:{uid}:4294967295"))
                 .arg(format!("--translate-gid=squash-guest:0:{gid}:4294967295"));
         }
-        (ShareIds::Host, None) => {}
     }
     if share.read_only {
         cmd.arg("--readonly");
@@ -238,16 +270,52 @@ pub async fn start_virtiofsds(
             crate::jail::JailSpec::new(spec.run_dir.join(format!("jail-virtiofsd{i}")), binds);
         jail.keep_caps = crate::jail::VIRTIOFSD_CAPS.to_vec();
         jail.exec_only_program = true;
-        let cmd = virtiofsd_command(program, &share, &socket, launch.squash_to(&meta));
+        let (ids, id_maps) = launch.virtiofsd_ids(&share, &meta);
+        let own_namespace = id_maps.is_some();
+        // A directory of a user's (or root's): no set-ID file from the guest there, where
+        // whoever reaches it would run it as the directory's owner. A box's own root
+        // (exclusive) is not one: shifted, or behind a nosuid mount, or in the private
+        // home.
+        jail.no_set_id_files = share.ids == ShareIds::Host && !share.exclusive && !share.read_only;
+        jail.id_maps = id_maps;
+        let cmd = virtiofsd_command(program, &share, &socket, ids);
         let cmd = launch
             .wrap(jail, cmd)
             .map_err(|e| refused(format!("preparing its jail: {e}")))?;
-        daemons.push((
-            start_daemon(backend, "virtiofsd", cmd, &socket, &log).await?,
-            socket,
-        ));
+        let daemon = start_daemon(backend, "virtiofsd", cmd, &socket, &log).await?;
+        if let (true, Some(vm)) = (own_namespace, launch.identity()) {
+            // Its socket is its namespace's root's, which the VMM is not: open it to the
+            // VM's group (the directory keeps everyone else out).
+            open_socket_to_group(&socket, vm.id)
+                .map_err(|e| refused(format!("its socket {}: {e}", socket.display())))?;
+        }
+        daemons.push((daemon, socket));
     }
     Ok(daemons)
+}
+
+/// Give the socket at `path` to group `gid`, mode 0660, without following a symbolic
+/// link put in its place (the directory is writable by the VM's processes).
+fn open_socket_to_group(path: &Path, gid: u32) -> io::Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::Socket {
+        return Err(io::Error::other("not a socket"));
+    }
+    rustix::fs::chownat(
+        &fd,
+        "",
+        None,
+        Some(rustix::fs::Gid::from_raw(gid)),
+        AtFlags::EMPTY_PATH,
+    )?;
+    // Through the descriptor: the inode it holds, whatever the name now is.
+    let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    std::fs::set_permissions(by_fd, std::os::unix::fs::PermissionsExt::from_mode(0o660))
 }
 
 /// The launcher of one VM's processes: every one goes through [`VmLaunch::wrap`] into
@@ -352,15 +420,67 @@ impl VmLaunch {
         }
     }
 
-    /// Whom a `virtiofsd` of this VM serving a directory with `meta` stores every guest
-    /// id as ([`virtiofsd_command`]): the directory's owner unless that is root (then
-    /// the guest's ids pass through: root's daemon may store any); in a rootless jail,
-    /// root in the daemon's user namespace, which is the caller outside.
-    pub fn squash_to(&self, meta: &std::fs::Metadata) -> Option<(u32, u32)> {
+    /// How a `virtiofsd` of this VM serving `share` (a directory with `meta`) stores the
+    /// guest's ids, and the user namespace it runs in, if one of its own:
+    /// - rootless: every guest id as the caller (root of the caller's namespace);
+    /// - a shifted tree, in a root jail: root of a namespace mapping the shifted range
+    ///   (and the VM's identity, whose directory holds its socket), so its capabilities
+    ///   reach no file of any other host id; guest ids beyond the range refused;
+    /// - a user's directory, in a root jail: root of a namespace mapping that user's ids
+    ///   (and the VM's), every guest id stored as them;
+    /// - a directory of root's: root, ids as they are (docs/security.md says why to
+    ///   share none);
+    /// - with the jail off: as the last two, translated by virtiofsd itself.
+    pub fn virtiofsd_ids(
+        &self,
+        share: &ShareSpec,
+        meta: &std::fs::Metadata,
+    ) -> (GuestIds, Option<crate::jail::IdMaps>) {
+        use crate::jail::{IdMaps, IdRange};
         if self.jailer.rootless() {
-            return Some((0, 0));
+            return (GuestIds::Squashed { uid: 0, gid: 0 }, None);
         }
-        (meta.uid() != 0).then(|| (meta.uid(), meta.gid()))
+        let owner = (meta.uid(), meta.gid());
+        let Some(vm) = self.identity() else {
+            return match share.ids {
+                ShareIds::Shifted { base } => (GuestIds::Shifted { base }, None),
+                ShareIds::Host if owner.0 != 0 => (
+                    GuestIds::Squashed {
+                        uid: owner.0,
+                        gid: owner.1,
+                    },
+                    None,
+                ),
+                ShareIds::Host => (GuestIds::AsIs, None),
+            };
+        };
+        let range = |inside, outside, count| IdRange {
+            inside,
+            outside,
+            count,
+        };
+        // The VM's identity after the guest's ids: guest ids never reach it.
+        let vm_id = range(65536, vm.id, 1);
+        match share.ids {
+            ShareIds::Shifted { base } => {
+                let ids = vec![range(0, base, 65536), vm_id];
+                (
+                    GuestIds::InRange,
+                    Some(IdMaps {
+                        uids: ids.clone(),
+                        gids: ids,
+                    }),
+                )
+            }
+            ShareIds::Host if owner.0 != 0 => (
+                GuestIds::Squashed { uid: 0, gid: 0 },
+                Some(IdMaps {
+                    uids: vec![range(0, owner.0, 1), vm_id],
+                    gids: vec![range(0, owner.1, 1), vm_id],
+                }),
+            ),
+            ShareIds::Host => (GuestIds::AsIs, None),
+        }
     }
 
     /// `cmd` confined by `jail`, in the VM's cgroup ([`crate::jail::Jailer::wrap`]).
@@ -618,8 +738,8 @@ impl Drop for MonitoredVm {
 mod tests {
     use super::*;
 
-    fn args(share: &ShareSpec, owner: Option<(u32, u32)>) -> Vec<String> {
-        let cmd = virtiofsd_command(Path::new("virtiofsd"), share, Path::new("/run/s"), owner);
+    fn args(share: &ShareSpec, ids: GuestIds) -> Vec<String> {
+        let cmd = virtiofsd_command(Path::new("virtiofsd"), share, Path::new("/run/s"), ids);
         cmd.as_std()
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
@@ -668,12 +788,12 @@ mod tests {
 
     #[test]
     fn only_an_exclusive_share_lets_the_guest_cache_everything() {
-        let shared = args(&share(false, false, ShareIds::Host), None);
+        let shared = args(&share(false, false, ShareIds::Host), GuestIds::AsIs);
         assert!(shared.contains(&"--cache=auto".to_string()), "{shared:?}");
         assert!(!shared
             .iter()
             .any(|a| a == "--cache=always" || a == "--readonly"));
-        let own = args(&share(true, true, ShareIds::Host), None);
+        let own = args(&share(true, true, ShareIds::Host), GuestIds::AsIs);
         assert!(own.contains(&"--cache=always".to_string()), "{own:?}");
         assert!(own.contains(&"--readonly".to_string()), "{own:?}");
         assert!(!own.contains(&"--cache=auto".to_string()));
@@ -687,7 +807,7 @@ mod tests {
     #[test]
     fn no_share_lets_the_guest_make_devices_capabilities_or_host_xattrs() {
         for ids in [ShareIds::Host, ShareIds::Shifted { base: 1 << 30 }] {
-            let a = args(&share(false, false, ids), None);
+            let a = args(&share(false, false, ids), GuestIds::InRange);
             assert!(
                 a.contains(&"--modcaps=-mknod:-setfcap".to_string()),
                 "{a:?}"
@@ -703,19 +823,100 @@ mod tests {
     fn guest_ids_land_in_the_shifted_range_or_on_the_directory_owner() {
         let shifted = args(
             &share(true, false, ShareIds::Shifted { base: 1 << 30 }),
-            Some((0, 0)),
+            GuestIds::Shifted { base: 1 << 30 },
         );
         assert!(shifted.contains(&"--translate-uid=map:0:1073741824:65536".to_string()));
         assert!(shifted.contains(&"--translate-gid=map:0:1073741824:65536".to_string()));
         assert!(shifted.contains(&"--translate-uid=forbid-guest:65536:4294901759".to_string()));
-        let users = args(&share(false, false, ShareIds::Host), Some((1000, 100)));
+        // Shifted by the daemon's namespace: only the ids past the range to refuse.
+        let in_range = args(
+            &share(true, false, ShareIds::Shifted { base: 1 << 30 }),
+            GuestIds::InRange,
+        );
+        assert!(in_range.contains(&"--translate-gid=forbid-guest:65536:4294901759".to_string()));
+        assert!(
+            !in_range
+                .iter()
+                .any(|a| a.contains("-uid=map:") || a.contains("-gid=map:")),
+            "{in_range:?}"
+        );
+        let users = args(
+            &share(false, false, ShareIds::Host),
+            GuestIds::Squashed {
+                uid: 1000,
+                gid: 100,
+            },
+        );
         assert!(users.contains(&"--translate-uid=squash-guest:0:1000:4294967295".to_string()));
         assert!(users.contains(&"--translate-gid=squash-guest:0:100:4294967295".to_string()));
-        let roots = args(&share(false, false, ShareIds::Host), None);
+        let roots = args(&share(false, false, ShareIds::Host), GuestIds::AsIs);
         assert!(
             !roots.iter().any(|a| a.starts_with("--translate")),
             "{roots:?}"
         );
+    }
+
+    #[test]
+    fn a_jailed_virtiofsd_is_root_only_of_the_ids_its_share_holds() {
+        use crate::jail::{IdRange, Jailer};
+        let dir = tempfile::tempdir().unwrap();
+        let lease = crate::jail::IdentityLease::take_in(&dir.path().join("ids")).unwrap();
+        let vm = lease.identity().id;
+        let launch = |jailer: Jailer, identity| VmLaunch {
+            jailer,
+            cgroup: None,
+            identity,
+        };
+        let rooted = launch(Jailer::Helper("/j".into()), Some(lease));
+        let meta = |uid, gid| {
+            let f = dir.path().join(format!("owned-{uid}"));
+            std::fs::write(&f, b"").unwrap();
+            if rustix::process::geteuid().is_root() {
+                std::os::unix::fs::chown(&f, Some(uid), Some(gid)).unwrap();
+            }
+            std::fs::metadata(&f).unwrap()
+        };
+        let range = |inside, outside, count| IdRange {
+            inside,
+            outside,
+            count,
+        };
+        // A shifted tree: the range and the VM's identity (for its socket), nothing else.
+        let (ids, maps) = rooted.virtiofsd_ids(
+            &share(true, false, ShareIds::Shifted { base: 1 << 30 }),
+            &meta(0, 0),
+        );
+        assert_eq!(ids, GuestIds::InRange);
+        let maps = maps.unwrap();
+        assert_eq!(maps.uids, [range(0, 1 << 30, 65536), range(65536, vm, 1)]);
+        assert_eq!(maps.gids, maps.uids);
+        if rustix::process::geteuid().is_root() {
+            // A user's directory: that user's ids alone, every guest id stored as them.
+            let (ids, maps) =
+                rooted.virtiofsd_ids(&share(false, false, ShareIds::Host), &meta(1000, 100));
+            assert_eq!(ids, GuestIds::Squashed { uid: 0, gid: 0 });
+            let maps = maps.unwrap();
+            assert_eq!(maps.uids, [range(0, 1000, 1), range(65536, vm, 1)]);
+            assert_eq!(maps.gids, [range(0, 100, 1), range(65536, vm, 1)]);
+            // Root's: no namespace (its files are root's).
+            let (ids, maps) =
+                rooted.virtiofsd_ids(&share(false, false, ShareIds::Host), &meta(0, 0));
+            assert_eq!((ids, maps), (GuestIds::AsIs, None));
+        }
+        // Rootless: the caller's namespace, every guest id its root.
+        let rootless = launch(Jailer::Rootless("/j".into()), None);
+        let (ids, maps) = rootless.virtiofsd_ids(
+            &share(true, false, ShareIds::Shifted { base: 1 << 30 }),
+            &meta(0, 0),
+        );
+        assert_eq!((ids, maps), (GuestIds::Squashed { uid: 0, gid: 0 }, None));
+        // No jail: virtiofsd translates.
+        let off = launch(Jailer::Off, None);
+        let (ids, maps) = off.virtiofsd_ids(
+            &share(true, false, ShareIds::Shifted { base: 7 }),
+            &meta(0, 0),
+        );
+        assert_eq!((ids, maps), (GuestIds::Shifted { base: 7 }, None));
     }
 
     #[test]

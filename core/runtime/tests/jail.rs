@@ -275,7 +275,165 @@ fn a_wrapped_command_keeps_the_environment_it_was_given() {
         std::ffi::OsStr::new("BOXLET_VMM_KERNEL_IMAGE"),
         Some(std::ffi::OsStr::new("/cache/k.img"))
     )));
-    assert!(envs.contains(&(std::ffi::OsStr::new("HOME"), None)));
+    assert!(!envs
+        .iter()
+        .any(|(k, v)| *k == std::ffi::OsStr::new("HOME") && v.is_some()));
+}
+
+#[test]
+fn a_jailed_program_gets_none_of_the_callers_environment_but_what_it_needs() {
+    if !is_root() && !rootless_jails_allowed() {
+        return;
+    }
+    // This test's own environment (cargo's variables, HOME, whatever the caller holds)
+    // stays out; PATH, boxlet-vmm's switches and what the command set get in.
+    let passed = |key: &str| {
+        boxlet::jail::PASSED_ENV.contains(&key)
+            || boxlet::jail::PASSED_ENV_PREFIXES
+                .iter()
+                .any(|p| key.starts_with(p))
+    };
+    let outsider = std::env::vars()
+        .map(|(k, _)| k)
+        .find(|k| !passed(k))
+        .expect("a variable of this test's own (HOME)");
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_as_user(
+        dir.path(),
+        None,
+        if is_root() {
+            boxlet::jail::RunAs::Root
+        } else {
+            boxlet::jail::RunAs::Caller
+        },
+        |_| {},
+        "env",
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{out:?}");
+    for line in text.lines() {
+        let key = line.split('=').next().unwrap();
+        // (The shell's own: PWD, SHLVL, _.)
+        assert!(
+            passed(key) || ["PWD", "SHLVL", "_"].contains(&key),
+            "{key} reached the jailed program: {text}"
+        );
+    }
+    assert!(!text.contains(&format!("{outsider}=")), "{text}");
+    assert!(text.contains("PATH="), "{text}");
+}
+
+#[test]
+fn a_file_server_of_a_users_directory_makes_no_set_id_file() {
+    if !is_root() && !rootless_jails_allowed() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // chmod, open(O_CREAT) and mknod with S_ISUID or S_ISGID; openat2 (its mode hidden
+    // in memory); and the same calls without the bits.
+    let script = format!(
+        "chmod(04755, '{d}/a') or print qq(chmod-suid $!\\n); \
+         chmod(02755, '{d}/a') or print qq(chmod-sgid $!\\n); \
+         chmod(0750, '{d}/a') and print qq(chmod-plain\\n); \
+         use Fcntl; sysopen(F, '{d}/b', O_CREAT|O_WRONLY, 04755) or print qq(create-suid $!\\n); \
+         sysopen(G, '{d}/c', O_CREAT|O_WRONLY, 0644) and print qq(create-plain\\n); \
+         my $p = '{d}'; my $h = qq(\\0) x 24; \
+         $r = syscall(437, -100, $p, $h, 24); print qq(openat2 $!\\n) if $r < 0;"
+    );
+    std::fs::write(dir.path().join("a"), b"").unwrap();
+    let out = perl_jailed_in(dir.path(), |s| s.no_set_id_files = true, &script);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{out:?}");
+    assert!(
+        text.contains("chmod-suid Operation not permitted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("chmod-sgid Operation not permitted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("create-suid Operation not permitted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("chmod-plain") && text.contains("create-plain"),
+        "{text}"
+    );
+    assert!(text.contains("openat2 Function not implemented"), "{text}");
+    assert!(!dir.path().join("b").exists());
+    let mode = std::fs::metadata(dir.path().join("a"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o750);
+    // Without the filter the same chmod makes a set-user-ID file.
+    let out = perl_jailed_in(
+        dir.path(),
+        |_| {},
+        &format!("chmod(04755, '{d}/a') or die $!"),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let mode = std::fs::metadata(dir.path().join("a"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o4755);
+}
+
+/// Run perl's `script` in a jail (this process's kind: root's or rootless) with `dir`
+/// writable, the spec adjusted by `adjust`.
+fn perl_jailed_in(
+    dir: &Path,
+    adjust: impl FnOnce(&mut JailSpec),
+    script: &str,
+) -> std::process::Output {
+    let helper = env!("CARGO_BIN_EXE_boxlet-jail").into();
+    let jailer = if is_root() {
+        boxlet::jail::Jailer::Helper(helper)
+    } else {
+        boxlet::jail::Jailer::Rootless(helper)
+    };
+    let mut binds = system_binds();
+    binds.push(Bind::rw(dir));
+    let mut spec = JailSpec::new(dir.join("root"), binds);
+    if !is_root() {
+        spec.run_as = boxlet::jail::RunAs::Caller;
+    }
+    adjust(&mut spec);
+    let mut cmd = tokio::process::Command::new("/usr/bin/perl");
+    cmd.args(["-e", script]);
+    jailer
+        .wrap(spec, cmd)
+        .unwrap()
+        .as_std_mut()
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_root_jail_refuses_to_run_a_program_as_the_caller() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    // Root's ids without capabilities still own root's files: a VM identity instead.
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_as_user(
+        dir.path(),
+        None,
+        boxlet::jail::RunAs::Caller,
+        |_| {},
+        "echo ran",
+    );
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rootless"),
+        "{out:?}"
+    );
 }
 
 /// Run `script` with /bin/sh through [`boxlet::jail::Jailer::wrap`] in a jail running
@@ -407,6 +565,77 @@ fn a_rootless_daemons_root_is_the_caller_on_the_host_and_makes_nothing_of_anyone
         "the caller's on the host"
     );
     assert!(!dir.path().join("dev").exists());
+}
+
+#[test]
+fn a_root_daemon_in_its_own_user_namespace_owns_only_the_ids_it_was_given() {
+    if !is_root() {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let base = boxlet::rootfs::CACHE_IDS.base();
+    // The directory is the range's root's, as a box's own root is; in it, a file of host
+    // root's anyone may read, and one only root may.
+    std::os::unix::fs::chown(dir.path(), Some(base), Some(base)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.path().join("roots"), b"r\n").unwrap();
+    std::fs::write(dir.path().join("secret"), b"s\n").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let d = dir.path().display();
+    let range = vec![boxlet::jail::IdRange {
+        inside: 0,
+        outside: base,
+        count: 65536,
+    }];
+    let out = run_as_user(
+        dir.path(),
+        None,
+        boxlet::jail::RunAs::Root,
+        |spec| {
+            spec.keep_caps = boxlet::jail::VIRTIOFSD_CAPS.to_vec();
+            spec.id_maps = Some(boxlet::jail::IdMaps {
+                uids: range.clone(),
+                gids: range.clone(),
+            });
+        },
+        &format!(
+            "cat /proc/self/status; echo map $(cat /proc/self/uid_map); \
+             echo x > {d}/new && echo wrote; chown 5:6 {d}/new && echo shifted; \
+             chown 70000 {d}/new 2>/dev/null && echo past-the-range; \
+             echo y >> {d}/roots 2>/dev/null && echo wrote-roots-file; \
+             cat {d}/secret 2>/dev/null && echo read-roots-secret; \
+             mknod {d}/dev b 8 0 2>/dev/null && echo made-a-device; true"
+        ),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{out:?}");
+    // Root of a namespace that maps the range alone, no supplementary group.
+    assert!(status_field(&text, "Uid").starts_with("0 0 0"), "{text}");
+    assert_eq!(status_field(&text, "Groups"), "", "{text}");
+    assert!(text.contains(&format!("map 0 {base} 65536\n")), "{text}");
+    let kept = boxlet::jail::VIRTIOFSD_CAPS
+        .iter()
+        .fold(0u64, |m, &c| m | 1 << c);
+    assert_eq!(status_field(&text, "CapEff"), format!("{kept:016x}"));
+    // What it makes is the range's; its capabilities reach nothing of host root's.
+    assert!(text.contains("wrote") && text.contains("shifted"), "{text}");
+    let made = std::fs::metadata(dir.path().join("new")).unwrap();
+    assert_eq!((made.uid(), made.gid()), (base + 5, base + 6));
+    for bad in [
+        "past-the-range",
+        "wrote-roots-file",
+        "read-roots-secret",
+        "made-a-device",
+    ] {
+        assert!(!text.contains(bad), "{bad}: {text}");
+    }
+    assert_eq!(std::fs::read(dir.path().join("roots")).unwrap(), b"r\n");
 }
 
 #[test]
@@ -750,5 +979,68 @@ fn nothing_jailed_reaches_a_keyring() {
         String::from_utf8_lossy(&out.stdout),
         "r=-1 Operation not permitted\n",
         "{out:?}"
+    );
+}
+
+#[test]
+fn a_disk_whose_backing_chain_was_rewritten_is_refused_until_its_owner_says_so() {
+    use boxlet_qcow2::{create, BackingFormat, CreateOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let (base, secret) = (dir.path().join("base.raw"), dir.path().join("secret.raw"));
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&secret, vec![7u8; 1 << 20]).unwrap();
+    let disk = dir.path().join("box.qcow2");
+    create(
+        &disk,
+        &CreateOptions::overlay("base.raw", BackingFormat::Raw),
+    )
+    .unwrap();
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap();
+    // The first boot records the chain beside the disk.
+    let chain = boxlet::jail::backing_chain(&disk, true).unwrap();
+    assert_eq!(chain, [real(&base)]);
+    let pin = boxlet::jail::pin_path(&disk);
+    assert!(std::fs::read_to_string(&pin)
+        .unwrap()
+        .ends_with(&format!("{}\n", real(&base).display())));
+    assert_eq!(boxlet::jail::backing_chain(&disk, true).unwrap(), chain);
+    // A VMM rewrites the header in place (same file) to name another file: refused,
+    // naming the record.
+    let forged = dir.path().join("forged.qcow2");
+    create(
+        &forged,
+        &CreateOptions::overlay("secret.raw", BackingFormat::Raw),
+    )
+    .unwrap();
+    std::fs::write(&disk, std::fs::read(&forged).unwrap()).unwrap();
+    let e = boxlet::jail::backing_chain(&disk, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("secret.raw") && e.contains(&pin.display().to_string()),
+        "{e}"
+    );
+    // Read-only, the VMM cannot have written it: no record needed.
+    assert_eq!(
+        boxlet::jail::backing_chain(&disk, false).unwrap(),
+        [real(&secret)]
+    );
+    // Its owner says so (the record removed): recorded afresh.
+    std::fs::remove_file(&pin).unwrap();
+    assert_eq!(
+        boxlet::jail::backing_chain(&disk, true).unwrap(),
+        [real(&secret)]
+    );
+    // A new file at the path (what no VM can make: a jail binds the file, never its
+    // directory) is a new disk, recorded afresh.
+    std::fs::remove_file(&disk).unwrap();
+    create(
+        &disk,
+        &CreateOptions::overlay("base.raw", BackingFormat::Raw),
+    )
+    .unwrap();
+    assert_eq!(
+        boxlet::jail::backing_chain(&disk, true).unwrap(),
+        [real(&base)]
     );
 }

@@ -513,7 +513,34 @@ pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
         .await
         .unwrap();
     assert_eq!(o.stdout, b"1000\n1000\n/home/app\n");
+    // A directory of a user's (here root's): no set-ID file from the guest, which
+    // whoever reaches the directory would run as its owner.
+    let o = vm
+        .agent()
+        .run(
+            sh(
+                "cp /bin/busybox /planted && chmod 4755 /planted && echo set-uid; \
+                chmod 2755 /planted && echo set-gid; chmod 755 /planted && echo plain",
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "plain\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(root.join("planted"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755, "{mode:o}");
+    }
     assert_nothing_left(&run_dir);
     assert_eq!(
         std::fs::read(root.join("home/app/hello")).unwrap(),
@@ -523,6 +550,63 @@ pub async fn a_directory_root_over_virtio_fs(hv: &dyn Hypervisor) {
         !root.join("boxlet").exists(),
         "the agent never lands in the directory"
     );
+    if !rootless() {
+        a_users_directory_root_reaches_nothing_of_host_roots(hv, &root).await;
+    }
+}
+
+/// A root boxlet serving a user's directory: the guest's files land as that user, and
+/// a file of host root's inside the directory is not the guest's to read or change (its
+/// virtiofsd is root only of a user namespace mapping that user).
+async fn a_users_directory_root_reaches_nothing_of_host_roots(hv: &dyn Hypervisor, root: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (uid, gid) = (61_777, 61_778);
+    let st = Command::new("chown")
+        .args(["-R", &format!("{uid}:{gid}"), root.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let secret = root.join("root/host-secret");
+    std::fs::write(&secret, b"host root's\n").unwrap();
+    std::os::unix::fs::chown(&secret, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let vm = boot(
+        hv,
+        spec(Root::Dir {
+            path: root.to_path_buf(),
+            exclusive: false,
+            ids: boxlet::ShareIds::Host,
+        }),
+    )
+    .await
+    .unwrap();
+    let o = vm
+        .agent()
+        .run(
+            sh(
+                "echo mine > /root/made; cat /root/host-secret 2>/dev/null && echo read-it; \
+                echo x >> /root/host-secret 2>/dev/null && echo changed-it; \
+                chmod 644 /root/host-secret 2>/dev/null && echo chmod-it; true",
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    for bad in ["read-it", "changed-it", "chmod-it"] {
+        assert!(!out.contains(bad), "{bad}: {out}");
+    }
+
+    vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    let made = std::fs::metadata(root.join("root/made")).unwrap();
+    assert_eq!(
+        (made.uid(), made.gid()),
+        (uid, gid),
+        "the user's on the host"
+    );
+    assert_eq!(std::fs::read(&secret).unwrap(), b"host root's\n");
+    let kept = std::fs::metadata(&secret).unwrap();
+    assert_eq!((kept.uid(), kept.mode() & 0o777), (0, 0o600));
 }
 
 /// Guest root, in a box on a directory root whose host side is `host_dir`, tries to
