@@ -103,17 +103,24 @@ const CLONE_NAMESPACES: u64 = (libc::CLONE_NEWNS
 /// `clone3` with ENOSYS (its flags are in memory, out of a filter's sight; the C library
 /// then uses `clone`, whose flags the second checks), the second is the daemon's list.
 pub fn programs(profile: Profile) -> Result<[BpfProgram; 2], String> {
-    let mut nosys: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    nosys.insert(libc::SYS_clone3, Vec::new());
-    let first = SeccompFilter::new(
-        nosys,
+    Ok([
+        failing(&[libc::SYS_clone3], libc::ENOSYS)?,
+        program(profile)?,
+    ])
+}
+
+/// A filter that fails `calls` with `errno` and lets everything else through (to the
+/// filters after it).
+fn failing(calls: &[libc::c_long], errno: i32) -> Result<BpfProgram, String> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = calls.iter().map(|&nr| (nr, Vec::new())).collect();
+    SeccompFilter::new(
+        rules,
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
+        SeccompAction::Errno(errno as u32),
         TargetArch::x86_64,
     )
     .and_then(BpfProgram::try_from)
-    .map_err(|e| e.to_string())?;
-    Ok([first, program(profile)?])
+    .map_err(|e| e.to_string())
 }
 
 /// The daemon's list of `profile` (see [`programs`] for the filter that goes first).
@@ -186,18 +193,10 @@ pub fn program(profile: Profile) -> Result<BpfProgram, String> {
 /// EPERM and lets everything else through (to the filters after it): every jailed
 /// program gets it.
 pub fn no_keyrings() -> Result<BpfProgram, String> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for nr in [libc::SYS_add_key, libc::SYS_request_key, libc::SYS_keyctl] {
-        rules.insert(nr, Vec::new());
-    }
-    SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        TargetArch::x86_64,
+    failing(
+        &[libc::SYS_add_key, libc::SYS_request_key, libc::SYS_keyctl],
+        libc::EPERM,
     )
-    .and_then(BpfProgram::try_from)
-    .map_err(|e| e.to_string())
 }
 
 /// A filter that keeps a file server from making set-user-ID or set-group-ID files:
@@ -265,16 +264,7 @@ pub fn no_set_id_files() -> Result<BpfProgram, String> {
 
 /// The filter that fails `openat2` with ENOSYS, to go with [`no_set_id_files`].
 pub fn no_openat2() -> Result<BpfProgram, String> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    rules.insert(libc::SYS_openat2, Vec::new());
-    SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
-    )
-    .and_then(BpfProgram::try_from)
-    .map_err(|e| e.to_string())
+    failing(&[libc::SYS_openat2], libc::ENOSYS)
 }
 
 /// Put the calling thread (and what it executes) under [`no_set_id_files`] and

@@ -927,16 +927,7 @@ fn a_stop_reaches_a_program_that_runs_as_the_vms_identity() {
 /// Run the perl `script` in a jail made by `adjust` from a spec of the system's binds.
 fn perl_jailed(adjust: impl FnOnce(&mut JailSpec), script: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = JailSpec::new(dir.path().join("root"), system_binds());
-    adjust(&mut spec);
-    std::fs::create_dir_all(&spec.root).unwrap();
-    let file = dir.path().join("spec.json");
-    std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_boxlet-jail"))
-        .arg(&file)
-        .args(["/usr/bin/perl", "-e", script])
-        .output()
-        .unwrap()
+    perl_jailed_in(dir.path(), adjust, script)
 }
 
 #[test]

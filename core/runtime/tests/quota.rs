@@ -130,3 +130,49 @@ async fn a_quota_too_small_for_its_file_system_is_refused_naming_it() {
     assert!(e.contains("1048576") && e.contains("smallest"), "{e}");
     assert!(!home.box_dir(id).exists(), "nothing of the box left");
 }
+
+#[tokio::test]
+async fn an_extracted_box_of_many_small_files_fits_its_quota() {
+    // An image of 5000 empty files in a 32 MiB quota: a file system with an inode per
+    // 16 KiB of its size has 2048, and the copy once ran out of them.
+    let Some((dir, home, store)) = root_home() else {
+        return;
+    };
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..5000 {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        h.set_cksum();
+        b.append_data(&mut h, format!("many/f{i}"), &[][..])
+            .unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let layout = boxlet_testkit::hostile::layout_with_layer(&dir.path().join("many"), &tar, "/x");
+    boxlet_oci::import_layout(&store, &layout, Some("many:1")).unwrap();
+    let strategy = ExtractedStrategy::new(home.clone(), store)
+        .unwrap()
+        .with_disk_quota(DiskQuota::Bytes(32 << 20));
+    let id = BoxId::mint();
+    let rootfs = strategy
+        .prepare(&PrepareRequest {
+            image: Some("many:1".into()),
+            box_id: id,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_dir(rootfs.path.join("many")).unwrap().count(),
+        5000
+    );
+    // Room for the guest's own files too.
+    for i in 0..100 {
+        std::fs::write(rootfs.path.join(format!("new{i}")), b"").unwrap();
+    }
+    strategy.cleanup(&rootfs).await.unwrap();
+    assert!(!home.box_dir(id).exists());
+}

@@ -96,19 +96,24 @@ fn put_blob(layout: &Path, bytes: &[u8]) -> (String, u64) {
 /// Write the hostile image as an OCI layout at `dir/hostile` (tag `latest`, one
 /// uncompressed layer) and return its path.
 pub fn hostile_layout(dir: &Path) -> PathBuf {
-    let layout = dir.join("hostile");
+    layout_with_layer(&dir.join("hostile"), &layer(), "/bin/rootsh")
+}
+
+/// Write an image of one uncompressed layer (`tar`, a tar stream) whose command is `cmd`
+/// as an OCI layout at `layout` (tag `latest`) and return its path.
+pub fn layout_with_layer(layout: &Path, tar: &[u8], cmd: &str) -> PathBuf {
+    let layout = layout.to_path_buf();
     std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     std::fs::write(
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )
     .unwrap();
-    let tar = layer();
-    let (layer_digest, layer_size) = put_blob(&layout, &tar);
+    let (layer_digest, layer_size) = put_blob(&layout, tar);
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Cmd": ["/bin/rootsh"]},
+        "config": {"Cmd": [cmd]},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
     let (config_digest, config_size) = put_blob(&layout, config.to_string().as_bytes());

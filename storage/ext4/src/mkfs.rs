@@ -53,6 +53,9 @@ pub struct BuildOptions {
     pub label: String,
     /// Write a journal (boxes write to their overlays and may crash).
     pub journal: bool,
+    /// Inodes to have beyond those the size brings (one per 16 KiB of a size given):
+    /// room for the many small files of a tree that will be copied in.
+    pub extra_inodes: u64,
 }
 
 impl Default for BuildOptions {
@@ -63,6 +66,7 @@ impl Default for BuildOptions {
             uuid: None,
             label: String::new(),
             journal: true,
+            extra_inodes: 0,
         }
     }
 }
@@ -513,6 +517,7 @@ pub fn build_with_layers<'a>(
         // nearly all its blocks are free.
         inodes = inodes.max(size / BYTES_PER_INODE);
     }
+    inodes = inodes.saturating_add(opts.extra_inodes);
     let want = data_blocks * (100 + opts.headroom_percent) / 100 + 16;
     let min = opts.size.map(|s| s / BS);
     // Enough groups for the inodes too (at most 32768 per group).

@@ -24,7 +24,7 @@ use crate::rootfs::shared::{
     box_dir_of, cache_apply_options, cache_id_base, image_env, install_staged_dir, own_top_dir,
     remove_box_dir, requested_image, Flights,
 };
-use crate::rootfs::tree_copy::{allocated_bytes, copy_tree, TreeCopy};
+use crate::rootfs::tree_copy::{copy_tree, tree_size, TreeCopy};
 use crate::rootfs::{GuestRootfs, Home, PrepareRequest, RootfsError, RootfsStrategy, Strategy};
 
 /// The Extracted strategy (see the module documentation).
@@ -149,10 +149,14 @@ impl RootfsStrategy for ExtractedStrategy {
         let dir = box_dir.clone();
         let made = tokio::task::spawn_blocking(move || -> Result<(), RootfsError> {
             std::fs::create_dir_all(&dir).map_err(RootfsError::io("creating", &dir))?;
-            // The copy and a quarter more for the file system's own metadata.
-            let content = allocated_bytes(&from).saturating_mul(5) / 4;
+            // The copy and a quarter more for the file system's own metadata, and an
+            // inode for each of its entries (a quarter more again) besides those of the
+            // quota's size: an image of many small files fits.
+            let tree = tree_size(&from);
+            let content = tree.bytes.saturating_mul(5) / 4;
             if let Some(bytes) = quota.size_for(content) {
-                quota::mount_new(&dir.join("quota.ext4"), &dir.join("rw"), bytes)?;
+                let inodes = tree.entries.saturating_mul(5) / 4;
+                quota::mount_new(&dir.join("quota.ext4"), &dir.join("rw"), bytes, inodes)?;
             }
             let stats = copy_tree(&from, &to)?;
             *inner

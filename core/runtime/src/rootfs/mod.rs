@@ -35,7 +35,7 @@ pub use home::{Home, RuntimeLock};
 pub use manager::{AgentBinary, GuestRootfsManager, GLOBAL_SOURCE};
 pub use overlay::OverlayStrategy;
 pub use quota::{DiskQuota, DEFAULT_QUOTA, MIN_QUOTA};
-pub use tree_copy::{allocated_bytes, copy_tree, TreeCopy};
+pub use tree_copy::{allocated_bytes, copy_tree, tree_size, TreeCopy, TreeSize};
 
 use crate::hypervisor::ShareIds;
 use crate::vm::Root;

@@ -282,7 +282,7 @@ impl RootfsStrategy for OverlayStrategy {
                 let (image, rw) = (box_dir.join("quota.ext4"), box_dir.join("rw"));
                 std::fs::create_dir_all(&box_dir).map_err(RootfsError::io("creating", &box_dir))?;
                 let made =
-                    tokio::task::spawn_blocking(move || quota::mount_new(&image, &rw, bytes))
+                    tokio::task::spawn_blocking(move || quota::mount_new(&image, &rw, bytes, 0))
                         .await
                         .map_err(|e| RootfsError::Invalid {
                             what: reference.to_string(),

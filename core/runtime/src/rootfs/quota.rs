@@ -49,9 +49,15 @@ impl DiskQuota {
     }
 }
 
-/// Make the box's file system of `bytes` at `image` (a new sparse file) and mount it
-/// on `at` (made if missing). Blocking.
-pub(crate) fn mount_new(image: &Path, at: &Path, bytes: u64) -> Result<(), RootfsError> {
+/// Make the box's file system of `bytes` at `image` (a new sparse file), with at least
+/// `inodes` inodes beyond those of its size (one per 16 KiB), and mount it on `at` (made
+/// if missing). Blocking.
+pub(crate) fn mount_new(
+    image: &Path,
+    at: &Path,
+    bytes: u64,
+    inodes: u64,
+) -> Result<(), RootfsError> {
     let refused = |reason: String| RootfsError::Invalid {
         what: format!(
             "a disk quota of {} MiB ({bytes} bytes)",
@@ -72,6 +78,7 @@ pub(crate) fn mount_new(image: &Path, at: &Path, bytes: u64) -> Result<(), Rootf
     }
     let opts = boxlet_ext4::BuildOptions {
         size: Some(bytes),
+        extra_inodes: inodes,
         label: "boxlet-quota".into(),
         ..boxlet_ext4::BuildOptions::default()
     };

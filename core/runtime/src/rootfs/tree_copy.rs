@@ -167,11 +167,26 @@ fn copy_xattrs(src: &Path, dst: &Path) -> Result<(), RootfsError> {
 /// file system only (nothing across mounts), hard links counted once. What cannot be read
 /// counts as nothing.
 pub fn allocated_bytes(path: &Path) -> u64 {
+    tree_size(path).bytes
+}
+
+/// What a tree holds: its bytes ([`allocated_bytes`]) and its entries (what a copy of it
+/// needs inodes for: every file, directory and link, hard links once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeSize {
+    /// Bytes allocated.
+    pub bytes: u64,
+    /// Entries, `path` itself included.
+    pub entries: u64,
+}
+
+/// The [`TreeSize`] of `path`, on its file system only.
+pub fn tree_size(path: &Path) -> TreeSize {
     let Ok(top) = std::fs::symlink_metadata(path) else {
-        return 0;
+        return TreeSize::default();
     };
     let mut seen = HashSet::new();
-    let mut total = 0;
+    let mut size = TreeSize::default();
     let mut stack = vec![path.to_path_buf()];
     while let Some(p) = stack.pop() {
         let Ok(m) = std::fs::symlink_metadata(&p) else {
@@ -180,14 +195,15 @@ pub fn allocated_bytes(path: &Path) -> u64 {
         if m.dev() != top.dev() || (m.nlink() > 1 && !m.is_dir() && !seen.insert(m.ino())) {
             continue;
         }
-        total += m.blocks() * 512;
+        size.bytes += m.blocks() * 512;
+        size.entries += 1;
         if m.is_dir() {
             if let Ok(entries) = std::fs::read_dir(&p) {
                 stack.extend(entries.flatten().map(|e| e.path()));
             }
         }
     }
-    total
+    size
 }
 
 #[cfg(test)]
@@ -212,5 +228,7 @@ mod tests {
         std::fs::write(dir.path().join("d/c"), vec![1u8; 64 << 10]).unwrap();
         assert!(allocated_bytes(dir.path()) >= tree + file);
         assert_eq!(allocated_bytes(&dir.path().join("missing")), 0);
+        // Entries: the directory, a (b is the same file), d and d/c.
+        assert_eq!(tree_size(dir.path()).entries, 4);
     }
 }
