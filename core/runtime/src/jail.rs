@@ -553,7 +553,11 @@ fn check_pin(disk: &Path, chain: &[PathBuf]) -> io::Result<()> {
 /// open-file limit (SYS_RESOURCE) and narrows its own bounding set further (SETPCAP:
 /// without it libcap-ng fails, logs to syslog, and virtiofsd's seccomp filter kills it
 /// for the socket). Not MKNOD, SETFCAP or anything else.
-pub const VIRTIOFSD_CAPS: [u8; 9] = [0, 1, 3, 4, 6, 7, 8, 18, 24];
+pub const VIRTIOFSD_CAPS: [u8; 9] = [0, 1, 3, CAP_FSETID, 6, 7, 8, 18, 24];
+
+/// CAP_FSETID: of [`VIRTIOFSD_CAPS`], the one a virtiofsd of a user's directory goes
+/// without ([`crate::process::users_directory`]).
+pub const CAP_FSETID: u8 = 4;
 
 /// The `boxlet-jail` helper: `$BOXLET_JAIL` (a path), beside this executable (or its
 /// parent directory, for test binaries), or in `PATH`.

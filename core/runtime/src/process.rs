@@ -197,7 +197,14 @@ pub fn virtiofsd_command(
         .args(["--sandbox=chroot", "--announce-submounts"])
         .args(["--inode-file-handles=never", "--xattr"])
         .arg(format!("--xattrmap=:map::{GUEST_XATTR_PREFIX}:"))
-        .arg("--modcaps=-mknod:-setfcap");
+        // A user's directory: not CAP_FSETID either (set-ID bits kept over writes, set on
+        // files of other groups); a box's own root keeps it, for packages' set-ID files
+        // (shifted, behind a nosuid mount or the private home).
+        .arg(if users_directory(share) {
+            "--modcaps=-mknod:-setfcap:-fsetid"
+        } else {
+            "--modcaps=-mknod:-setfcap"
+        });
     // Guest ids past the range would pass through as the same ids (real users' on the
     // host; the VM's identity in a daemon's namespace): refused.
     let forbid_past_range = [
@@ -224,6 +231,12 @@ pub fn virtiofsd_command(
         cmd.arg("--readonly");
     }
     cmd
+}
+
+/// Whether `share` is a directory of a user's (or root's: `--fs`, Direct), not a box's own
+/// root: its virtiofsd makes no set-ID file and keeps no CAP_FSETID.
+pub fn users_directory(share: &ShareSpec) -> bool {
+    share.ids == ShareIds::Host && !share.exclusive
 }
 
 /// One `virtiofsd` (found at `program`, if it was) per share of `spec`, each listening on
@@ -269,6 +282,9 @@ pub async fn start_virtiofsds(
         let mut jail =
             crate::jail::JailSpec::new(spec.run_dir.join(format!("jail-virtiofsd{i}")), binds);
         jail.keep_caps = crate::jail::VIRTIOFSD_CAPS.to_vec();
+        if users_directory(&share) {
+            jail.keep_caps.retain(|&c| c != crate::jail::CAP_FSETID);
+        }
         jail.exec_only_program = true;
         let (ids, id_maps) = launch.virtiofsd_ids(&share, &meta);
         let own_namespace = id_maps.is_some();
@@ -276,7 +292,7 @@ pub async fn start_virtiofsds(
         // whoever reaches it would run it as the directory's owner. A box's own root
         // (exclusive) is not one: shifted, or behind a nosuid mount, or in the private
         // home.
-        jail.no_set_id_files = share.ids == ShareIds::Host && !share.exclusive && !share.read_only;
+        jail.no_set_id_files = users_directory(&share);
         jail.id_maps = id_maps;
         let cmd = virtiofsd_command(program, &share, &socket, ids);
         let cmd = launch
@@ -809,7 +825,7 @@ mod tests {
         for ids in [ShareIds::Host, ShareIds::Shifted { base: 1 << 30 }] {
             let a = args(&share(false, false, ids), GuestIds::InRange);
             assert!(
-                a.contains(&"--modcaps=-mknod:-setfcap".to_string()),
+                a.iter().any(|a| a.starts_with("--modcaps=-mknod:-setfcap")),
                 "{a:?}"
             );
             assert!(
@@ -849,6 +865,13 @@ mod tests {
         );
         assert!(users.contains(&"--translate-uid=squash-guest:0:1000:4294967295".to_string()));
         assert!(users.contains(&"--translate-gid=squash-guest:0:100:4294967295".to_string()));
+        // A user's directory keeps no CAP_FSETID; a box's own root does.
+        assert!(users.contains(&"--modcaps=-mknod:-setfcap:-fsetid".to_string()));
+        let own = args(&share(true, false, ShareIds::Host), GuestIds::AsIs);
+        assert!(
+            own.contains(&"--modcaps=-mknod:-setfcap".to_string()),
+            "{own:?}"
+        );
         let roots = args(&share(false, false, ShareIds::Host), GuestIds::AsIs);
         assert!(
             !roots.iter().any(|a| a.starts_with("--translate")),
