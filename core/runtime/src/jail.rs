@@ -413,7 +413,7 @@ pub fn vm_binds(spec: &crate::hypervisor::VmSpec) -> io::Result<Vec<Bind>> {
             Bind::rw(&disk.path)
         });
         b.extend(
-            backing_chain(&disk.path, !disk.read_only)?
+            backing_chain(&disk.path, disk.format, !disk.read_only)?
                 .iter()
                 .map(Bind::ro),
         );
@@ -421,18 +421,30 @@ pub fn vm_binds(spec: &crate::hypervisor::VmSpec) -> io::Result<Vec<Bind>> {
     Ok(b)
 }
 
-/// The files below `disk` in its qcow2 backing chain, top first, resolved. The names are
-/// in files a VMM may have written (a compromised one could point a disk it wrote at
-/// any file for its next boot): no `..`, no system tree, and for a disk a VM may write
-/// (`writable`) the chain boxlet saw the first time it booted that file, recorded beside
-/// it ([`pin_path`]: the file's device, inode and birth time, then the chain; a jail binds the disk,
-/// never its directory, so no VM reaches the record). A different chain for the same
-/// file is refused; a new file (another inode at the path) is recorded afresh.
-pub fn backing_chain(disk: &Path, writable: bool) -> io::Result<Vec<PathBuf>> {
+/// The files below `disk` (of `format`) in its qcow2 backing chain, top first, resolved.
+/// A disk's bytes are the guest's and its header a VMM's to rewrite (a compromised one
+/// could point a disk it wrote at any host file for its next boot; a guest can write a
+/// qcow2 header into a raw disk): so only a qcow2 disk has a chain, only a backing the
+/// header says is qcow2 is read as one, names with `..` or in system trees are refused,
+/// and the disk's format and chain must be what boxlet recorded beside it the first time
+/// it booted that file writable ([`pin_path`]; a jail binds the disk, never its
+/// directory, so no VM reaches the record). A different format or chain for the same
+/// file is refused, whether or not it is writable now; a new file at the path (another
+/// inode or birth time, which no VM can make) is recorded afresh.
+pub fn backing_chain(
+    disk: &Path,
+    format: crate::hypervisor::DiskFormat,
+    writable: bool,
+) -> io::Result<Vec<PathBuf>> {
     let mut chain = Vec::new();
+    let mut qcow2 = format == crate::hypervisor::DiskFormat::Qcow2;
     let mut at = disk.to_path_buf();
     for _ in 0..16 {
-        let Ok(Some(backing)) = boxlet_qcow2::read_backing_file_path(&at) else {
+        if !qcow2 {
+            break;
+        }
+        let (backing, backing_format) = backing_of(&at)?;
+        let Some(backing) = backing else {
             break;
         };
         if Path::new(&backing)
@@ -458,28 +470,54 @@ pub fn backing_chain(disk: &Path, writable: bool) -> io::Result<Vec<PathBuf>> {
             )));
         }
         chain.push(real.clone());
+        // Raw, or no format said: its bytes are data, never a header to follow.
+        qcow2 = backing_format == Some(boxlet_qcow2::BackingFormat::Qcow2);
         at = real;
     }
-    if writable && !chain.is_empty() {
-        check_pin(disk, &chain)?;
-    }
+    check_pin(disk, format, &chain, writable)?;
     Ok(chain)
 }
 
-/// Where the backing chain of `disk` is recorded: `DISK.boxlet-chain`, beside it.
+/// The backing file name in the qcow2 header of `path`, and the backing format its
+/// extension names (`None` when it names none, or the header is one boxlet's parser
+/// does not take whole: the name is read alone then).
+fn backing_of(path: &Path) -> io::Result<(Option<String>, Option<boxlet_qcow2::BackingFormat>)> {
+    let err = |e: boxlet_qcow2::Error| io::Error::other(format!("{}: {e}", path.display()));
+    let file = std::fs::File::open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    match boxlet_qcow2::Header::read(&file) {
+        Ok(h) => Ok((h.backing_file, h.backing_format)),
+        Err(_) => Ok((
+            boxlet_qcow2::read_backing_file_path(path).map_err(err)?,
+            None,
+        )),
+    }
+}
+
+/// Where the format and backing chain of `disk` are recorded: `DISK.boxlet-chain`,
+/// beside it.
 pub fn pin_path(disk: &Path) -> PathBuf {
     let mut name = disk.as_os_str().to_owned();
     name.push(".boxlet-chain");
     PathBuf::from(name)
 }
 
-fn check_pin(disk: &Path, chain: &[PathBuf]) -> io::Result<()> {
-    use std::io::Write;
+/// The largest record boxlet reads back.
+const MAX_PIN: u64 = 64 << 10;
+
+fn check_pin(
+    disk: &Path,
+    format: crate::hypervisor::DiskFormat,
+    chain: &[PathBuf],
+    writable: bool,
+) -> io::Result<()> {
+    use std::io::{Read, Write};
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let meta = std::fs::metadata(disk)?;
-    // The file's identity: device, inode and birth time (a number a freed inode's next
-    // file reuses at once; its birth time it does not), where the file system keeps one.
+    // The file's identity: inode and birth time (a freed inode's number comes back at
+    // once with the next file; its birth time does not), where the file system keeps
+    // one. Not the device number, which a remount or a reboot may change.
     let born = rustix::fs::statx(
         rustix::fs::CWD,
         disk,
@@ -491,7 +529,9 @@ fn check_pin(disk: &Path, chain: &[PathBuf]) -> io::Result<()> {
     .map_or("-".to_string(), |x| {
         format!("{}.{:09}", x.stx_btime.tv_sec, x.stx_btime.tv_nsec)
     });
-    let mut record = format!("{} {} {born}\n", meta.dev(), meta.ino()).into_bytes();
+    let identity = format!("boxlet-chain 1 {} {born}\n", meta.ino()).into_bytes();
+    let mut record = identity.clone();
+    record.extend_from_slice(format!("{format:?}\n").as_bytes());
     for p in chain {
         let bytes = p.as_os_str().as_bytes();
         if bytes.contains(&b'\n') {
@@ -505,11 +545,33 @@ fn check_pin(disk: &Path, chain: &[PathBuf]) -> io::Result<()> {
         record.push(b'\n');
     }
     let pin = pin_path(disk);
-    let same_file =
-        |old: &[u8]| old.split(|&b| b == b'\n').next() == record.split(|&b| b == b'\n').next();
-    match std::fs::read(&pin) {
-        Ok(old) if old == record => return Ok(()),
-        Ok(old) if same_file(&old) => {
+    let at_pin = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", pin.display()));
+    // Only a regular file of this user's, not followed, bounded: the directory may be
+    // one others write (a sticky /tmp).
+    let old = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(&pin)
+    {
+        Ok(f) => {
+            let m = f.metadata().map_err(at_pin)?;
+            if !m.is_file() || m.uid() != rustix::process::geteuid().as_raw() || m.len() > MAX_PIN {
+                return Err(io::Error::other(format!(
+                    "{}: not a record of this user's (a regular file of at most {MAX_PIN} \
+                     bytes): remove it",
+                    pin.display()
+                )));
+            }
+            let mut old = Vec::new();
+            f.take(MAX_PIN).read_to_end(&mut old).map_err(at_pin)?;
+            Some(old)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(at_pin(e)),
+    };
+    match old {
+        Some(old) if old == record => return Ok(()),
+        Some(old) if old.starts_with(&identity) => {
             let show = |r: &[u8]| {
                 String::from_utf8_lossy(r)
                     .lines()
@@ -518,9 +580,9 @@ fn check_pin(disk: &Path, chain: &[PathBuf]) -> io::Result<()> {
                     .join(" -> ")
             };
             return Err(io::Error::other(format!(
-                "{}: its backing chain is now {}, not the {} boxlet recorded in {} when it \
-                 first booted it: a VM may have rewritten the disk's header. If you changed \
-                 the chain yourself, remove {}",
+                "{}: it is now {}, not the {} boxlet recorded in {} when it first booted \
+                 it: its guest or VMM may have rewritten its header. If you changed it \
+                 yourself, remove {}",
                 disk.display(),
                 show(&record),
                 show(&old),
@@ -528,19 +590,22 @@ fn check_pin(disk: &Path, chain: &[PathBuf]) -> io::Result<()> {
                 pin.display()
             )));
         }
-        // Another file at this path since (or none recorded): record this one.
-        Ok(_) => std::fs::remove_file(&pin)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", pin.display()))),
+        // Another file at this path since: its record goes.
+        Some(_) => std::fs::remove_file(&pin).map_err(at_pin)?,
+        None => {}
+    }
+    if !writable {
+        return Ok(());
     }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o644)
         .open(&pin)
         .map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("recording the chain in {}: {e}", pin.display()),
+                format!("recording the disk's chain in {}: {e}", pin.display()),
             )
         })?;
     file.write_all(&record)?;

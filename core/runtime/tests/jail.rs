@@ -975,6 +975,7 @@ fn nothing_jailed_reaches_a_keyring() {
 
 #[test]
 fn a_disk_whose_backing_chain_was_rewritten_is_refused_until_its_owner_says_so() {
+    use boxlet::DiskFormat::{Qcow2, Raw};
     use boxlet_qcow2::{create, BackingFormat, CreateOptions};
     let dir = tempfile::tempdir().unwrap();
     let (base, secret) = (dir.path().join("base.raw"), dir.path().join("secret.raw"));
@@ -987,16 +988,16 @@ fn a_disk_whose_backing_chain_was_rewritten_is_refused_until_its_owner_says_so()
     )
     .unwrap();
     let real = |p: &Path| std::fs::canonicalize(p).unwrap();
-    // The first boot records the chain beside the disk.
-    let chain = boxlet::jail::backing_chain(&disk, true).unwrap();
-    assert_eq!(chain, [real(&base)]);
+    let chain = |writable| boxlet::jail::backing_chain(&disk, Qcow2, writable);
+    // The first boot records the format and chain beside the disk.
+    assert_eq!(chain(true).unwrap(), [real(&base)]);
     let pin = boxlet::jail::pin_path(&disk);
     assert!(std::fs::read_to_string(&pin)
         .unwrap()
-        .ends_with(&format!("{}\n", real(&base).display())));
-    assert_eq!(boxlet::jail::backing_chain(&disk, true).unwrap(), chain);
+        .ends_with(&format!("Qcow2\n{}\n", real(&base).display())));
+    assert_eq!(chain(true).unwrap(), [real(&base)]);
     // A VMM rewrites the header in place (same file) to name another file: refused,
-    // naming the record.
+    // naming the record, writable or not.
     let forged = dir.path().join("forged.qcow2");
     create(
         &forged,
@@ -1004,24 +1005,16 @@ fn a_disk_whose_backing_chain_was_rewritten_is_refused_until_its_owner_says_so()
     )
     .unwrap();
     std::fs::write(&disk, std::fs::read(&forged).unwrap()).unwrap();
-    let e = boxlet::jail::backing_chain(&disk, true)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("secret.raw") && e.contains(&pin.display().to_string()),
-        "{e}"
-    );
-    // Read-only, the VMM cannot have written it: no record needed.
-    assert_eq!(
-        boxlet::jail::backing_chain(&disk, false).unwrap(),
-        [real(&secret)]
-    );
+    for writable in [true, false] {
+        let e = chain(writable).unwrap_err().to_string();
+        assert!(
+            e.contains("secret.raw") && e.contains(&pin.display().to_string()),
+            "{e}"
+        );
+    }
     // Its owner says so (the record removed): recorded afresh.
     std::fs::remove_file(&pin).unwrap();
-    assert_eq!(
-        boxlet::jail::backing_chain(&disk, true).unwrap(),
-        [real(&secret)]
-    );
+    assert_eq!(chain(true).unwrap(), [real(&secret)]);
     // A new file at the path (what no VM can make: a jail binds the file, never its
     // directory) is a new disk, recorded afresh.
     std::fs::remove_file(&disk).unwrap();
@@ -1030,8 +1023,40 @@ fn a_disk_whose_backing_chain_was_rewritten_is_refused_until_its_owner_says_so()
         &CreateOptions::overlay("base.raw", BackingFormat::Raw),
     )
     .unwrap();
-    assert_eq!(
-        boxlet::jail::backing_chain(&disk, true).unwrap(),
-        [real(&base)]
-    );
+    assert_eq!(chain(true).unwrap(), [real(&base)]);
+
+    // A raw disk whose guest wrote a qcow2 header naming a host file into its first
+    // sector: the next boot would take it for a qcow2 overlay of that file. Its record
+    // says raw.
+    let raw = dir.path().join("root.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    assert!(boxlet::jail::backing_chain(&raw, Raw, true)
+        .unwrap()
+        .is_empty());
+    let header = std::fs::read(&forged).unwrap();
+    let mut bytes = std::fs::read(&raw).unwrap();
+    bytes[..header.len()].copy_from_slice(&header);
+    std::fs::write(&raw, &bytes).unwrap();
+    assert_eq!(boxlet::DiskFormat::detect(&raw).unwrap(), Qcow2);
+    let e = boxlet::jail::backing_chain(&raw, Qcow2, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Raw") && e.contains("secret.raw"), "{e}");
+    // Read as raw (its recorded format), nothing in it is followed.
+    assert!(boxlet::jail::backing_chain(&raw, Raw, true)
+        .unwrap()
+        .is_empty());
+
+    // A record that is not this user's regular file is refused, not followed.
+    let other = dir.path().join("other.qcow2");
+    create(
+        &other,
+        &CreateOptions::overlay("base.raw", BackingFormat::Raw),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&pin, boxlet::jail::pin_path(&other)).unwrap();
+    let e = boxlet::jail::backing_chain(&other, Qcow2, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other.qcow2.boxlet-chain"), "{e}");
 }
