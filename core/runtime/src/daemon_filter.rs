@@ -277,8 +277,36 @@ pub fn install_no_set_id_files() -> std::io::Result<()> {
     Ok(())
 }
 
+/// A filter that fails every x32 system call (numbers with bit 30 set, on the x86-64
+/// architecture: filters made by seccompiler check the architecture, not that bit, so a
+/// list of numbers to refuse would not see `keyctl | 0x40000000` on a kernel with x32)
+/// with EPERM, and kills a program calling with another architecture's convention.
+/// Installed first in every jail, before the lists.
+pub fn no_x32() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const JGE_K: u16 = 0x35;
+    const RET_K: u16 = 0x06;
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    let op = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        // seccomp_data.arch, at offset 4.
+        op(LD_W_ABS, 0, 0, 4),
+        op(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
+        // seccomp_data.nr, at offset 0.
+        op(LD_W_ABS, 0, 0, 0),
+        op(JGE_K, 0, 1, X32_SYSCALL_BIT),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
 /// Put the calling thread (and what it executes) under [`no_keyrings`].
 pub fn install_no_keyrings() -> std::io::Result<()> {
+    seccompiler::apply_filter(&no_x32()).map_err(std::io::Error::other)?;
     let prog = no_keyrings().map_err(std::io::Error::other)?;
     seccompiler::apply_filter(&prog).map_err(std::io::Error::other)
 }

@@ -110,6 +110,11 @@ pub struct IdMaps {
     pub uids: Vec<IdRange>,
     /// Group ids.
     pub gids: Vec<IdRange>,
+    /// The host user that owns the namespace (any process of its in the host's namespace
+    /// has every capability in it): best one no host process runs as, like the shifted
+    /// root; host root when unset.
+    #[serde(default)]
+    pub owner: Option<u32>,
 }
 
 /// `count` ids from `inside` in a user namespace are `outside` and up on the host.
@@ -899,7 +904,8 @@ mod linux {
                     nix::unistd::ForkResult::Child => {
                         drop((died_w, asked_r, mapped_w));
                         if maps.is_some() {
-                            enter_own_user_namespace(asked_w, mapped_r)?;
+                            let owner = maps.and_then(|m| m.owner);
+                            enter_own_user_namespace(owner, asked_w, mapped_r)?;
                         }
                         confine(spec, program)
                     }
@@ -919,8 +925,27 @@ mod linux {
     /// `asked`; once PID 1 says on `mapped` it wrote the maps, become root of it (the
     /// host ids mapped to 0) with no supplementary group (host root's would still open
     /// files by group).
-    fn enter_own_user_namespace(asked: io::PipeWriter, mapped: io::PipeReader) -> io::Result<()> {
+    fn enter_own_user_namespace(
+        owner: Option<u32>,
+        asked: io::PipeWriter,
+        mapped: io::PipeReader,
+    ) -> io::Result<()> {
         use std::io::{Read, Write};
+        if let Some(owner) = owner {
+            // The namespace is its effective user's: that one for the moment (the real
+            // and saved ids stay root's, so the permitted capabilities stay; the
+            // effective ones come back from them).
+            let root = nix::unistd::Uid::from_raw(0);
+            nix::unistd::setresuid(root, nix::unistd::Uid::from_raw(owner), root)?;
+            let caps = rustix::thread::capabilities(None)?;
+            rustix::thread::set_capabilities(
+                None,
+                rustix::thread::CapabilitySets {
+                    effective: caps.permitted,
+                    ..caps
+                },
+            )?;
+        }
         // SAFETY: single-threaded, and no FILES flag, as in `enter`.
         unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWUSER) }?;
         (&asked).write_all(b"u")?;
@@ -1545,7 +1570,8 @@ mod linux {
             exec_only(program)?;
         }
         // No keyring for anything jailed: a key a VM's process stores outlives it, in the
-        // keyring of its ids, which a later VM of the same slot gets.
+        // keyring of its ids, which a later VM of the same slot gets. (And no x32 call,
+        // which the lists of numbers below would not see.)
         #[cfg(target_arch = "x86_64")]
         crate::daemon_filter::install_no_keyrings()?;
         if spec.no_set_id_files {

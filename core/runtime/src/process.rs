@@ -233,6 +233,26 @@ pub fn virtiofsd_command(
     cmd
 }
 
+/// The group a virtiofsd serving `uid`'s directory (of group `dir_gid`) works as: the
+/// directory's group if the user is in it (or nothing says which groups the user has),
+/// else the user's own: the guest gets no group's rights the directory's owner lacks (a
+/// directory `alice:www-data` would open everyone's www-data files in it).
+fn group_of(uid: u32, dir_gid: u32) -> u32 {
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+        return dir_gid;
+    };
+    let member = user.gid.as_raw() == dir_gid
+        || nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(dir_gid))
+            .ok()
+            .flatten()
+            .is_some_and(|g| g.mem.contains(&user.name));
+    if member {
+        dir_gid
+    } else {
+        user.gid.as_raw()
+    }
+}
+
 /// Whether `share` is a directory of a user's (or root's: `--fs`, Direct), not a box's own
 /// root: its virtiofsd makes no set-ID file and keeps no CAP_FSETID.
 pub fn users_directory(share: &ShareSpec) -> bool {
@@ -478,6 +498,7 @@ impl VmLaunch {
         // The VM's identity after the guest's ids: guest ids never reach it.
         let vm_id = range(65536, vm.id, 1);
         match share.ids {
+            // Owned by the shifted root, which no host process is.
             ShareIds::Shifted { base } => {
                 let ids = vec![range(0, base, 65536), vm_id];
                 (
@@ -485,14 +506,18 @@ impl VmLaunch {
                     Some(IdMaps {
                         uids: ids.clone(),
                         gids: ids,
+                        owner: Some(base),
                     }),
                 )
             }
+            // Owned by host root: the user's own processes must have no power over it
+            // (it can reach the VM's directory).
             ShareIds::Host if owner.0 != 0 => (
                 GuestIds::Squashed { uid: 0, gid: 0 },
                 Some(IdMaps {
                     uids: vec![range(0, owner.0, 1), vm_id],
-                    gids: vec![range(0, owner.1, 1), vm_id],
+                    gids: vec![range(0, group_of(owner.0, owner.1), 1), vm_id],
+                    owner: None,
                 }),
             ),
             ShareIds::Host => (GuestIds::AsIs, None),
@@ -913,14 +938,26 @@ mod tests {
         let maps = maps.unwrap();
         assert_eq!(maps.uids, [range(0, 1 << 30, 65536), range(65536, vm, 1)]);
         assert_eq!(maps.gids, maps.uids);
+        assert_eq!(maps.owner, Some(1 << 30), "no host process is its owner");
         if rustix::process::geteuid().is_root() {
             // A user's directory: that user's ids alone, every guest id stored as them.
             let (ids, maps) =
-                rooted.virtiofsd_ids(&share(false, false, ShareIds::Host), &meta(1000, 100));
+                rooted.virtiofsd_ids(&share(false, false, ShareIds::Host), &meta(61_777, 100));
             assert_eq!(ids, GuestIds::Squashed { uid: 0, gid: 0 });
             let maps = maps.unwrap();
-            assert_eq!(maps.uids, [range(0, 1000, 1), range(65536, vm, 1)]);
+            assert_eq!(maps.uids, [range(0, 61_777, 1), range(65536, vm, 1)]);
             assert_eq!(maps.gids, [range(0, 100, 1), range(65536, vm, 1)]);
+            assert_eq!(maps.owner, None, "not the user's: host root's");
+            // A directory of a group its owner is not in: the owner's own group.
+            if let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") {
+                let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+                let (_, maps) =
+                    rooted.virtiofsd_ids(&share(false, false, ShareIds::Host), &meta(uid, 0));
+                assert_eq!(maps.unwrap().gids[0], range(0, gid, 1));
+                let (_, maps) =
+                    rooted.virtiofsd_ids(&share(false, false, ShareIds::Host), &meta(uid, gid));
+                assert_eq!(maps.unwrap().gids[0], range(0, gid, 1));
+            }
             // Root's: no namespace (its files are root's).
             let (ids, maps) =
                 rooted.virtiofsd_ids(&share(false, false, ShareIds::Host), &meta(0, 0));
