@@ -6,7 +6,8 @@
 # changed to give it that; never done on a host you keep). As an ordinary user it runs as
 # itself. What the tests read is copied where that user may read it (root's home is
 # private): the guest kernel and agent ($BOXLET_KERNEL, $BOXLET_AGENT), virtiofsd and
-# vhost-device-vsock from PATH, the busybox fixtures. With --cli BOXLET, also
+# vhost-device-vsock from PATH, the busybox fixtures, the repository's scripts and
+# fixtures ($BOXLET_REPO: the checkout may be private). With --cli BOXLET, also
 # `boxlet import` and `boxlet run` of the fixture image as that user, reported as one
 # more test. Exits non-zero if any failed.
 set -uo pipefail
@@ -25,6 +26,9 @@ for p in virtiofsd vhost-device-vsock; do
     if [ -x "$path" ]; then cp "$path" "$share/bin/"; fi
 done
 cp -a "$oci" "$box" "$share/fixtures/"
+# The repository's scripts and fixtures the tests run (its checkout may be private).
+mkdir -p "$share/repo"
+cp -a fixtures scripts "$share/repo/"
 
 run_as=()
 if [ "$(id -u)" = 0 ]; then
@@ -46,7 +50,7 @@ fi
 # A clean environment: what the tests need, and what of boxlet's the caller set.
 user_env=(PATH="$share/bin:/usr/local/bin:/usr/bin:/bin" HOME="$share/home"
     TMPDIR="${TMPDIR:-/tmp}" BOXLET_KERNEL="$share/vmlinux" BOXLET_AGENT="$share/agent"
-    BOXLET_FIXTURES="$share/fixtures")
+    BOXLET_FIXTURES="$share/fixtures" BOXLET_REPO="$share/repo")
 for v in BOXLET_ACCEL BOXLET_VMM BOXLET_JAIL RUST_BACKTRACE RUST_LOG; do
     [ -n "${!v:-}" ] && user_env+=("$v=${!v}")
 done

@@ -14,9 +14,12 @@ use std::time::Duration;
 use boxlet::{boot, BootError, BootSpec, Exec, ExecEvent, Hypervisor, Root, VmExit};
 use sha2::{Digest, Sha256};
 
-/// The repository's root.
+/// The repository's root (its scripts and fixtures): `$BOXLET_REPO`, else where this was
+/// built (a rootless run copies them where its user may read them).
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    std::env::var_os("BOXLET_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
 /// Run a repository script and take its one line of output (a path).
