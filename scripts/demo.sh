@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo build -q --release -p boxlet-cli
+# The CLI and the jail it starts every VM process in (found beside it).
+cargo build -q --release -p boxlet-cli -p boxlet --bins
 BOXLET_AGENT=$(bash scripts/build-agent.sh)
 export BOXLET_AGENT
 boxlet=${CARGO_TARGET_DIR:-target}/release/boxlet
