@@ -42,6 +42,10 @@ pub struct StrategiesArgs {
     /// Prepare only: no boots, no workload.
     #[arg(long)]
     no_boot: bool,
+    /// Only this strategy (direct, extracted, overlay, disk); repeat for several
+    /// (default: all four).
+    #[arg(long = "strategy", value_parser = ["direct", "extracted", "overlay", "disk"])]
+    strategies: Vec<String>,
     /// The disk quota of the directory-root strategies (extracted, overlay): a size, or
     /// `unlimited` (their boxes then write to the home's file system; reflinks for
     /// extracted where it has them). Default: as `boxlet run`.
@@ -71,6 +75,9 @@ struct Row {
     read_usr_ms: Option<f64>,
     write_fsync_100m_ms: Option<f64>,
     find_ms: Option<f64>,
+    /// Steps that failed in the guest, with the reason (their times are left out).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    failed: Vec<String>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -99,7 +106,9 @@ type MakeStrategy = dyn Fn(&Home, Arc<Store>) -> Result<Box<dyn RootfsStrategy>>
 
 const WORKLOAD: [(&str, &str); 3] = [
     ("read /usr", "find /usr -type f -exec cat {} + > /dev/null"),
-    ("write+fsync 100M", "dd if=/dev/zero of=/root/boxlet-bench bs=1M count=100 conv=fsync 2>/dev/null; rm -f /root/boxlet-bench"),
+    // dd's status is the step's and its complaint the reason (the clean-up after it must
+    // hide neither); its statistics are not shown.
+    ("write+fsync 100M", "dd if=/dev/zero of=/root/boxlet-bench bs=1M count=100 conv=fsync 2>/tmp/boxlet-bench.err; s=$?; [ $s = 0 ] || cat /tmp/boxlet-bench.err >&2; rm -f /root/boxlet-bench /tmp/boxlet-bench.err 2>/dev/null; exit $s"),
     ("find /", "find / -xdev > /dev/null"),
 ];
 
@@ -132,17 +141,28 @@ async fn boot_and_work(ctx: &Ctx, rootfs: &GuestRootfs, row: &mut Row) -> Result
             .run(exec, None)
             .await
             .with_context(|| format!("running {what}"))?;
-        times.push(ms(t.elapsed()));
-        if out.status.shell_code() != 0 {
-            eprintln!(
-                "boxlet bench: {what} failed in the guest: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        let took = ms(t.elapsed());
+        // A step that failed has no time: its number would be the failure's.
+        let code = out.status.shell_code();
+        if code == 0 {
+            times.push(Some(took));
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let reason = stderr.trim().lines().last().unwrap_or_default();
+            row.failed.push(format!(
+                "{what}: exit {code}{}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", boxlet::console::printable(reason, false))
+                }
+            ));
+            times.push(None);
         }
     }
-    row.read_usr_ms = Some(times[0]);
-    row.write_fsync_100m_ms = Some(times[1]);
-    row.find_ms = Some(times[2]);
+    row.read_usr_ms = times[0];
+    row.write_fsync_100m_ms = times[1];
+    row.find_ms = times[2];
     vm.shutdown(Duration::from_secs(30)).await?;
     Ok(())
 }
@@ -217,11 +237,17 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(strategies(args))?;
-    Ok(ExitCode::SUCCESS)
+    let failed = rt.block_on(strategies(args))?;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-async fn strategies(a: StrategiesArgs) -> Result<()> {
+/// Runs the bench; `Ok(true)` when a step failed in a guest (the bench then exits
+/// non-zero, after its table).
+async fn strategies(a: StrategiesArgs) -> Result<bool> {
     let source = crate::store::open()?;
     let images = if a.images.is_empty() {
         source.images()?.into_iter().map(|i| i.reference).collect()
@@ -292,6 +318,9 @@ async fn strategies(a: StrategiesArgs) -> Result<()> {
             ),
         ];
         for (name, make) in &makers {
+            if !a.strategies.is_empty() && !a.strategies.iter().any(|s| s == name) {
+                continue;
+            }
             let row = measure(name, make.as_ref(), &source, image, a.runs, ctx.as_ref())
                 .await
                 .with_context(|| format!("{name} on {image}"))?;
@@ -308,9 +337,17 @@ async fn strategies(a: StrategiesArgs) -> Result<()> {
             "rows": rows,
         });
         println!("{doc:#}");
-        return Ok(());
+        return Ok(rows.iter().any(|r| !r.failed.is_empty()));
     }
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    // A step that failed reads "failed" (its reason below the table), never a time.
+    let step = |r: &Row, v: Option<f64>, what: &str| {
+        if r.failed.iter().any(|f| f.starts_with(what)) {
+            "failed".to_string()
+        } else {
+            opt(v)
+        }
+    };
     println!(
         "backend: {}, acceleration: {}",
         ctx.as_ref()
@@ -343,10 +380,17 @@ async fn strategies(a: StrategiesArgs) -> Result<()> {
             r.box_create_ms,
             crate::store::human(r.box_bytes),
             opt(r.ready_ms),
-            opt(r.read_usr_ms),
-            opt(r.write_fsync_100m_ms),
-            opt(r.find_ms)
+            step(r, r.read_usr_ms, WORKLOAD[0].0),
+            step(r, r.write_fsync_100m_ms, WORKLOAD[1].0),
+            step(r, r.find_ms, WORKLOAD[2].0)
         );
     }
-    Ok(())
+    let mut failed = false;
+    for r in &rows {
+        for f in &r.failed {
+            println!("failed: {} {}: {f}", r.image, r.strategy);
+            failed = true;
+        }
+    }
+    Ok(failed)
 }
