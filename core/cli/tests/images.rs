@@ -131,3 +131,20 @@ fn pull_from_a_registry_with_a_password_on_stdin() {
     let verify = ok(home.path(), &["store", "verify"]);
     assert!(verify.contains("0 problems"), "{verify}");
 }
+
+#[test]
+fn an_import_of_a_directory_without_a_layout_names_it_and_its_cause_once() {
+    let home = tempfile::tempdir().unwrap();
+    // A directory, but no `oci-layout` in it.
+    let missing = home.path().join("no-such-layout");
+    std::fs::create_dir(&missing).unwrap();
+    let out = boxlet(home.path(), &["import", missing.to_str().unwrap()], "");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-layout/oci-layout"), "{err}");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "the cause once: {err}"
+    );
+}
