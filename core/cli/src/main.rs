@@ -69,7 +69,26 @@ fn main() -> ExitCode {
         .without_time()
         .with_target(false)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            // `boxlet run` with a bad option is boxlet's own failure, as docker's 125.
+            let run = std::env::args_os().nth(1).is_some_and(|a| a == "run");
+            let help = matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            );
+            if run && !help {
+                let _ = e.print();
+                return ExitCode::from(EXIT_BOXLET_FAILED);
+            }
+            e.exit()
+        }
+    };
+    let run = matches!(cli.command, Command::Run(_));
     let res = match cli.command {
         Command::Qcow2(cmd) => qcow2::run(cmd),
         Command::Ext4(cmd) => ext4::run(cmd),
@@ -88,8 +107,29 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("boxlet: {}", one_line(&e));
-            ExitCode::FAILURE
+            if run {
+                run_failure_code(&e)
+            } else {
+                ExitCode::FAILURE
+            }
         }
+    }
+}
+
+/// What `boxlet run` exits with when boxlet itself failed (no such image, a bad option, a
+/// box that could not start), as docker's `run` does.
+const EXIT_BOXLET_FAILED: u8 = 125;
+
+/// `boxlet run`'s exit code for an error: the shell's 127 or 126 when the command could
+/// not be run (not found, not executable), else [`EXIT_BOXLET_FAILED`].
+fn run_failure_code(e: &anyhow::Error) -> ExitCode {
+    let unrunnable = e.chain().find_map(|c| match c.downcast_ref() {
+        Some(boxlet::agent::AgentError::CannotRun { why, .. }) => Some(*why),
+        _ => None,
+    });
+    match unrunnable {
+        Some(why) => ExitCode::from(why.exit_code() as u8),
+        None => ExitCode::from(EXIT_BOXLET_FAILED),
     }
 }
 

@@ -17,8 +17,8 @@ use std::thread;
 use std::time::Duration;
 
 use crate::proto::{
-    read_frame, write_frame, Done, Exec, ExitStatus, Failure, Frame, Kind, ProtocolError, Request,
-    Setup, Signal, Started, CHUNK, PROTOCOL_VERSION,
+    read_frame, write_frame, CannotRun, Done, Exec, ExitStatus, Failure, Frame, Kind,
+    ProtocolError, Request, Setup, Signal, Started, CHUNK, PROTOCOL_VERSION,
 };
 use crate::users;
 
@@ -75,14 +75,8 @@ fn send_json<T: serde::Serialize>(w: &Writer, kind: Kind, v: &T) -> io::Result<(
     send(w, kind, &f.payload)
 }
 
-fn fail(w: &Writer, message: impl Into<String>) -> io::Result<()> {
-    send_json(
-        w,
-        Kind::Error,
-        &Failure {
-            message: message.into(),
-        },
-    )
+fn fail(w: &Writer, failure: impl Into<Failure>) -> io::Result<()> {
+    send_json(w, Kind::Error, &failure.into())
 }
 
 impl Agent {
@@ -183,14 +177,14 @@ impl Agent {
     }
 
     /// The command an exec runs, with its environment, directory and user.
-    fn command(&self, e: &Exec) -> Result<Command, String> {
+    fn command(&self, e: &Exec) -> Result<Command, Failure> {
         let d = self
             .defaults
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let Some(program) = e.args.first() else {
-            return Err("exec without a program".into());
+            return Err(String::from("exec without a program").into());
         };
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         for kv in d.env.iter().chain(&e.env) {
@@ -198,7 +192,7 @@ impl Agent {
                 Some((k, v)) if !k.is_empty() => {
                     env.insert(k.to_owned(), v.to_owned());
                 }
-                _ => return Err(format!("environment entry {kv:?} is not KEY=VALUE")),
+                _ => return Err(format!("environment entry {kv:?} is not KEY=VALUE").into()),
             }
         }
         env.entry("PATH".into())
@@ -220,8 +214,13 @@ impl Agent {
             .or(d.cwd.as_ref())
             .map_or("/", |s| s.as_str());
         // Resolve the program in the exec's PATH (not the agent's).
-        let resolved = resolve_program(program, &env["PATH"], cwd)
-            .ok_or_else(|| format!("{program}: command not found"))?;
+        let resolved = resolve_program(program, &env["PATH"], cwd).map_err(|why| Failure {
+            message: match why {
+                CannotRun::NotFound => format!("{program}: command not found"),
+                CannotRun::NotExecutable => format!("{program}: permission denied"),
+            },
+            cannot_run: Some(why),
+        })?;
         let mut cmd = Command::new(resolved);
         cmd.arg0(program)
             .args(&e.args[1..])
@@ -253,7 +252,20 @@ impl Agent {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(err) => {
-                fail(w, format!("{}: {err}", e.args[0]))?;
+                // What a shell would say: an interpreter that is missing, a file the
+                // kernel will not execute.
+                let cannot_run = match err.kind() {
+                    io::ErrorKind::NotFound => Some(CannotRun::NotFound),
+                    io::ErrorKind::PermissionDenied => Some(CannotRun::NotExecutable),
+                    _ => None,
+                };
+                fail(
+                    w,
+                    Failure {
+                        message: format!("{}: {err}", e.args[0]),
+                        cannot_run,
+                    },
+                )?;
                 return Ok(());
             }
         };
@@ -452,22 +464,32 @@ const OUTPUT_GRACE_MAX: Duration = Duration::from_secs(10);
 const SIGKILL: i32 = 9;
 
 /// `program` found the way execvp would, in `path` (relative entries against `cwd`).
-fn resolve_program(program: &str, path: &str, cwd: &str) -> Option<std::path::PathBuf> {
+fn resolve_program(program: &str, path: &str, cwd: &str) -> Result<std::path::PathBuf, CannotRun> {
     use std::os::unix::fs::PermissionsExt;
     let is_exec = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    if program.contains('/') {
-        let p = Path::new(cwd).join(program);
-        return is_exec(&p).then_some(p);
+    // Found but not executable (a shell's 126), if nothing executable is found.
+    let exists = |p: &Path| p.exists();
+    let candidates: Vec<std::path::PathBuf> = if program.contains('/') {
+        vec![Path::new(cwd).join(program)]
+    } else {
+        path.split(':')
+            .map(|dir| {
+                Path::new(cwd)
+                    .join(if dir.is_empty() { "." } else { dir })
+                    .join(program)
+            })
+            .collect()
+    };
+    if let Some(p) = candidates.iter().find(|p| is_exec(p)) {
+        return Ok(p.clone());
     }
-    path.split(':')
-        .map(|dir| {
-            Path::new(cwd)
-                .join(if dir.is_empty() { "." } else { dir })
-                .join(program)
-        })
-        .find(|p| is_exec(p))
+    if candidates.iter().any(|p| exists(p)) {
+        Err(CannotRun::NotExecutable)
+    } else {
+        Err(CannotRun::NotFound)
+    }
 }
 
 /// Frames of `Data` read as one stream, ending at `DataEof`.

@@ -286,6 +286,39 @@ impl ExitStatus {
 pub struct Failure {
     /// What went wrong, in words.
     pub message: String,
+    /// For an exec: its program could not be run at all, and why (what a shell tells
+    /// apart with exit codes 127 and 126).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cannot_run: Option<CannotRun>,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure {
+            message,
+            cannot_run: None,
+        }
+    }
+}
+
+/// Why an exec's program could not be run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CannotRun {
+    /// No such program (in the exec's PATH, or at the path given).
+    NotFound,
+    /// It is there but may not be executed.
+    NotExecutable,
+}
+
+impl CannotRun {
+    /// The exit status a shell (and docker) gives it: 127 or 126.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            CannotRun::NotFound => 127,
+            CannotRun::NotExecutable => 126,
+        }
+    }
 }
 
 /// A request succeeded.

@@ -8,9 +8,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use boxlet_guest::proto::CannotRun as ProgramUnrunnable;
 use boxlet_guest::proto::{
-    Done, Exec, ExitStatus, Failure, Frame, Kind, ProtocolError, Ready, Request, Setup, Signal,
-    Started, AGENT_PORT, CHUNK,
+    CannotRun, Done, Exec, ExitStatus, Failure, Frame, Kind, ProtocolError, Ready, Request, Setup,
+    Signal, Started, AGENT_PORT, CHUNK,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -34,6 +35,14 @@ pub enum AgentError {
     /// The agent answered with an error.
     #[error("agent: {0}")]
     Failed(String),
+    /// An exec's program could not be run at all (not found, not executable).
+    #[error("{message}")]
+    CannotRun {
+        /// Why.
+        why: CannotRun,
+        /// The agent's account.
+        message: String,
+    },
     /// A host-side file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -46,7 +55,11 @@ pub enum AgentError {
 
 /// The agent's own account of a failure, as guest text: made printable, on one line.
 fn failed(f: Failure) -> AgentError {
-    AgentError::Failed(crate::console::printable(&f.message, false))
+    let message = crate::console::printable(&f.message, false);
+    match f.cannot_run {
+        Some(why) => AgentError::CannotRun { why, message },
+        None => AgentError::Failed(message),
+    }
 }
 
 fn io_err(e: io::Error) -> AgentError {
