@@ -133,11 +133,20 @@ fn exit_codes_follow_dockers() {
         let mut all = vec!["run", "--backend", "qemu"];
         all.extend_from_slice(args);
         let out = run(home.path(), &all, "");
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     // The command's own; 128 + N for a signal.
-    assert_eq!(code(&["busybox:1", "--", "sh", "-c", "exit 42"]).0, Some(42));
-    assert_eq!(code(&["busybox:1", "--", "sh", "-c", "kill -9 $$"]).0, Some(137));
+    assert_eq!(
+        code(&["busybox:1", "--", "sh", "-c", "exit 42"]).0,
+        Some(42)
+    );
+    assert_eq!(
+        code(&["busybox:1", "--", "sh", "-c", "kill -9 $$"]).0,
+        Some(137)
+    );
     // 127: not found; 126: there but not executable; each named.
     let (c, err) = code(&["busybox:1", "--", "/no/such/program"]);
     assert_eq!(c, Some(127), "{err}");
@@ -149,7 +158,10 @@ fn exit_codes_follow_dockers() {
     let (c, err) = code(&["nosuch:1", "--", "true"]);
     assert_eq!(c, Some(125), "{err}");
     assert!(err.contains("nosuch:1"), "{err}");
-    assert_eq!(code(&["--no-such-option", "busybox:1", "--", "true"]).0, Some(125));
+    assert_eq!(
+        code(&["--no-such-option", "busybox:1", "--", "true"]).0,
+        Some(125)
+    );
     // Help is not a failure.
     let help = run(home.path(), &["run", "--help"], "");
     assert_eq!(help.status.code(), Some(0));

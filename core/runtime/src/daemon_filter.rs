@@ -112,7 +112,12 @@ pub fn programs(profile: Profile) -> Result<[BpfProgram; 2], String> {
 /// A filter that fails `calls` with `errno` and lets everything else through (to the
 /// filters after it).
 fn failing(calls: &[libc::c_long], errno: i32) -> Result<BpfProgram, String> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = calls.iter().map(|&nr| (nr, Vec::new())).collect();
+    failing_when(calls.iter().map(|&nr| (nr, Vec::new())).collect(), errno)
+}
+
+/// A filter that fails the calls `rules` match (a call with no rule: always) with
+/// `errno` and lets everything else through.
+fn failing_when(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProgram, String> {
     SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -251,15 +256,7 @@ pub fn no_set_id_files() -> Result<BpfProgram, String> {
     rules.insert(libc::SYS_mknodat, set_id(2, None)?);
     rules.insert(libc::SYS_open, set_id(2, Some((1, 0)))?);
     rules.insert(libc::SYS_openat, set_id(3, Some((2, 0)))?);
-    let set_id_calls = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        TargetArch::x86_64,
-    )
-    .and_then(BpfProgram::try_from)
-    .map_err(|e| e.to_string())?;
-    Ok(set_id_calls)
+    failing_when(rules, libc::EPERM)
 }
 
 /// The filter that fails `openat2` with ENOSYS, to go with [`no_set_id_files`].

@@ -519,22 +519,28 @@ fn check_pin(
     use std::io::{Read, Write};
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let meta = std::fs::metadata(disk)?;
     // The file's identity: inode and birth time (a freed inode's number comes back at
     // once with the next file; its birth time does not), where the file system keeps
     // one. Not the device number, which a remount or a reboot may change.
-    let born = rustix::fs::statx(
+    use rustix::fs::StatxFlags;
+    let x = rustix::fs::statx(
         rustix::fs::CWD,
         disk,
         rustix::fs::AtFlags::empty(),
-        rustix::fs::StatxFlags::BTIME,
+        StatxFlags::INO | StatxFlags::BTIME,
     )
-    .ok()
-    .filter(|x| x.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
-    .map_or("-".to_string(), |x| {
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("{}: {e}", disk.display()),
+        )
+    })?;
+    let born = if x.stx_mask & StatxFlags::BTIME.bits() != 0 {
         format!("{}.{:09}", x.stx_btime.tv_sec, x.stx_btime.tv_nsec)
-    });
-    let identity = format!("boxlet-chain 1 {} {born}\n", meta.ino()).into_bytes();
+    } else {
+        "-".to_string()
+    };
+    let identity = format!("boxlet-chain 1 {} {born}\n", x.stx_ino).into_bytes();
     let mut record = identity.clone();
     record.extend_from_slice(format!("{format:?}\n").as_bytes());
     for p in chain {

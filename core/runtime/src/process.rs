@@ -15,17 +15,21 @@ use std::os::unix::fs::MetadataExt;
 
 use crate::hypervisor::{HypervisorError, ShareIds, ShareSpec, Vm, VmExit, VmSpec};
 
-/// `name` in `PATH`, in `~/.cargo/bin`, or as `/usr/libexec/name`.
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    // Only absolute entries: an empty or relative one names the working directory,
-    // which may be anyone's (/tmp).
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+/// The absolute directories of `PATH`: an empty or relative entry names the working
+/// directory, which may be anyone's (/tmp).
+fn path_dirs() -> Vec<PathBuf> {
+    std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
                 .filter(|d| d.is_absolute())
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// `name` in `PATH`, in `~/.cargo/bin`, or as `/usr/libexec/name`.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs = path_dirs();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
@@ -47,9 +51,7 @@ pub fn find_helper(var: &str, name: &str) -> Option<PathBuf> {
     if let Some(parent) = dir.parent() {
         dirs.push(parent.to_path_buf());
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path).filter(|d| d.is_absolute()));
-    }
+    dirs.extend(path_dirs());
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
